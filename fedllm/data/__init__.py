@@ -1,0 +1,39 @@
+"""Instruction data: the built-in suite, local and hub datasets, splits and partitions."""
+
+from __future__ import annotations
+
+from fedllm.data.example import Example
+from fedllm.data.files import DatasetError, load_examples, load_hf_dataset
+from fedllm.data.partition import PartitionScheme, describe_partitions, parse_partition, partition_indices
+from fedllm.data.split import train_test_split
+from fedllm.data.tasks import SUITE_TASKS, WARMUP_TASKS, builtin_suite
+
+HF_PREFIX = "hf:"
+
+
+def load_splits(
+    dataset: str, *, seed: int, train_per_task: int, test_per_task: int, test_fraction: float
+) -> tuple[list[Example], list[Example]]:
+    """Train and test examples of `dataset`: 'builtin', 'hf:<name>', or a local file path."""
+    if dataset == "builtin":
+        return builtin_suite(train_per_task, test_per_task, seed)
+    if dataset.startswith(HF_PREFIX):
+        examples = load_hf_dataset(dataset[len(HF_PREFIX):])
+    else:
+        examples = load_examples(dataset)
+    return train_test_split(examples, test_fraction, seed)
+
+
+def client_share(train: list[Example], partition: str, partition_id: int, num_partitions: int, seed: int) -> list[Example]:
+    """The training examples of one partition (the same on every node for the same seed)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    indices = partition_indices([e.task for e in train], num_partitions, partition, seed)[partition_id]
+    return [train[i] for i in indices]
+
+
+__all__ = [
+    "DatasetError", "Example", "PartitionScheme", "SUITE_TASKS", "WARMUP_TASKS", "builtin_suite", "client_share",
+    "describe_partitions", "load_examples", "load_hf_dataset", "load_splits", "parse_partition",
+    "partition_indices", "train_test_split",
+]
