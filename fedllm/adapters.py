@@ -1,0 +1,204 @@
+"""LoRA adapters and the model-space update space every aggregation works in.
+
+A LoRA module contributes `ΔW = s·B·A` to its base weight. Factors are not task vectors (B·A is
+unchanged by B→BM, A→M⁻¹A), so fedllm aggregates `ΔW`, keeps the exact global update per module,
+and re-factors it into the best rank-r approximation (truncated SVD, Eckart–Young) to send it.
+Module names are those of the base model (e.g. `model.layers.0.self_attn.q_proj`); `ΔW` is float32
+in the base layer's own layout (transposed for GPT-2 style `Conv1D`, whose weight is d_in × d_out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+PEFT_PREFIX = "base_model.model."
+Delta = dict[str, torch.Tensor]  # module name -> ΔW
+
+# Linear layers inside the transformer blocks, per architecture (attention and MLP).
+TARGETS_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Rank, alpha and dropout of a client's adapter; `scaling = alpha / rank` as in peft."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), task_type="CAUSAL_LM",
+        )
+
+
+def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
+    """Attention and MLP projections for known architectures, else every block linear layer."""
+    known = TARGETS_BY_ARCHITECTURE.get(getattr(model.config, "model_type", ""))
+    if known:
+        return known
+    leaves = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] != "lm_head"
+    }
+    if not leaves:
+        raise ValueError(f"no linear layers found in {type(model).__name__}; set lora-target-modules")
+    return tuple(sorted(leaves))
+
+
+def target_layers(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """The base model's layers that LoRA wraps, by module name."""
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, (torch.nn.Linear, Conv1D))
+    }
+    if not layers:
+        raise ValueError(f"none of the target modules {list(targets)} exist in {type(model).__name__}")
+    return layers
+
+
+def factor_key(module: str, factor: str) -> str:
+    """peft's state-dict key of one factor ('A' or 'B') of `module`'s adapter."""
+    return f"{PEFT_PREFIX}{module}.lora_{factor}.weight"
+
+
+def module_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """Module names present in a LoRA state dict, in its order."""
+    suffix = ".lora_A.weight"
+    return [k[len(PEFT_PREFIX): -len(suffix)] for k in state if k.endswith(suffix)]
+
+
+def delta_from_factors(b: torch.Tensor, a: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
+    """`s·B·A` in float32, in the base layer's layout."""
+    delta = scaling * (b.float() @ a.float())
+    return delta.T.contiguous() if transposed else delta
+
+
+def deltas_from_state(state: dict[str, torch.Tensor], scaling: float, transposed: dict[str, bool]) -> Delta:
+    """Model-space update of every module in a LoRA state dict."""
+    return {
+        m: delta_from_factors(state[factor_key(m, "B")], state[factor_key(m, "A")], scaling, transposed[m])
+        for m in module_names(state)
+    }
+
+
+@dataclass(frozen=True)
+class Refactored:
+    """A rank-r LoRA state dict for a global update, with what the truncation lost."""
+
+    state: dict[str, torch.Tensor]
+    squared_error: float
+    squared_norm: float
+
+    @property
+    def relative_error(self) -> float:
+        """‖ΔW − ΔW_r‖_F / ‖ΔW‖_F over all modules (0 for a zero update)."""
+        return math.sqrt(self.squared_error / self.squared_norm) if self.squared_norm > 0 else 0.0
+
+
+def _top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Top-`rank` singular triplets and the energy Σσ² beyond them.
+
+    Exact SVD for modest modules; randomized (Halko et al. 2011) for large ones, where the tail
+    energy is ‖M‖² − Σσ² in float64.
+    """
+    if min(matrix.shape) <= 2048:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank], float(s[rank:].double().pow(2).sum())
+    u, s, v = torch.svd_lowrank(matrix, q=min(rank + 10, min(matrix.shape)), niter=4)
+    tail = float(matrix.double().pow(2).sum() - s[:rank].double().pow(2).sum())
+    return u[:, :rank], s[:rank], v[:, :rank].T, max(tail, 0.0)
+
+
+def refactor(global_delta: Delta, rank: int, scaling: float, transposed: dict[str, bool], seed: int) -> Refactored:
+    """Best rank-r factors `(B, A)` with `s·B·A ≈ ΔW` for every module, split evenly (√σ each).
+
+    Directions with no singular mass (e.g. the zero update of round 0) get a random `A` row and a
+    zero `B` column, as peft initialises LoRA, so clients can train them; the product is unchanged.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    squared_error = squared_norm = 0.0
+    for module, delta in global_delta.items():
+        matrix = (delta.T if transposed[module] else delta).float()
+        u, sigma, vh, tail = _top_singular(matrix, rank)
+        live = sigma > sigma.max().clamp_min(1e-30) * 1e-6
+        root = torch.sqrt(sigma * live / scaling)
+        b = torch.zeros(matrix.shape[0], rank)
+        a = (torch.rand(rank, matrix.shape[1], generator=generator) * 2 - 1) / math.sqrt(matrix.shape[1])
+        b[:, : len(sigma)] = u * root
+        a[: len(sigma)][live] = (root[:, None] * vh)[live]
+        state[factor_key(module, "A")], state[factor_key(module, "B")] = a, b
+        squared_norm += float(matrix.double().pow(2).sum())
+        squared_error += tail + float((sigma * ~live).double().pow(2).sum())
+    return Refactored(state, squared_error, squared_norm)
+
+
+def merge_into(model: PreTrainedModel, base_weights: dict[str, torch.Tensor], global_delta: Delta) -> None:
+    """Set every target layer's weight to `W0 + ΔW` (exact server model; W0 kept aside)."""
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for module, w0 in base_weights.items():
+            delta = global_delta.get(module)
+            weight = layers[module].weight
+            weight.copy_(w0 if delta is None else w0 + delta.to(weight.device, weight.dtype))
+
+
+def base_weights_of(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Copies of the original target weights, the `W0` the global update is added to."""
+    return {name: layer.weight.detach().clone() for name, layer in target_layers(model, targets).items()}
+
+
+def layouts_of(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[str, bool]:
+    """Whether each target layer stores its weight transposed (GPT-2 `Conv1D`)."""
+    return {name: isinstance(layer, Conv1D) for name, layer in target_layers(model, targets).items()}
+
+
+def export_adapter(
+    base: PreTrainedModel, settings: LoraSettings, global_delta: Delta, transposed: dict[str, bool],
+    out_dir: Path, seed: int,
+) -> Refactored:
+    """Save the rank-r re-factoring of the global update as a peft adapter folder.
+
+    `PeftModel.from_pretrained(base, out_dir)` loads it; `truncation_error.json` beside it says
+    how far its product is from the exact global update.
+    """
+    refactored = refactor(global_delta, settings.rank, settings.scaling, transposed, seed)
+    peft_model = get_peft_model(base, settings.peft_config())
+    set_peft_model_state_dict(peft_model, refactored.state)
+    peft_model.save_pretrained(out_dir)
+    (Path(out_dir) / "truncation_error.json").write_text(json.dumps({
+        "rank": settings.rank,
+        "relative_frobenius_error": refactored.relative_error,
+        "note": "‖ΔW_g − s·B·A‖_F / ‖ΔW_g‖_F over all modules; model/ holds the exact W0 + ΔW_g",
+    }, indent=2))
+    return refactored
+
+
+def load_adapter(base: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """Load an exported adapter onto a base model with peft's own call."""
+    return PeftModel.from_pretrained(base, str(adapter_dir))

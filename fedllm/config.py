@@ -1,0 +1,200 @@
+"""The run configuration: every key, its default and its check, parsed once at the edge.
+
+Flower hands the ServerApp and ClientApp `[tool.flwr.app.config]` merged with `--run-config`
+overrides as a flat dict with hyphenated keys. `RunConfig.from_flower` turns it into a typed,
+validated object; an unknown key or a bad value raises `ConfigError` naming the key and what it
+accepts. `python -m fedllm.config` prints the table the README shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or has a bad value."""
+
+
+def _key(name: str, default: Any, check: Callable[[Any], bool], accepts: str, doc: str) -> Any:
+    return field(default=default, metadata={"check": check, "accepts": accepts, "doc": doc, "key": name})
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+def _is_partition(value: str) -> bool:
+    from fedllm.data.partition import parse_partition
+
+    try:
+        parse_partition(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_operator(value: str) -> bool:
+    from fedllm.merge import OPERATORS
+
+    return value in OPERATORS
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated settings of one federated run (field names are the keys with '_' for '-')."""
+
+    num_server_rounds: int = _key("num-server-rounds", 30, _positive, "an integer >= 1", "federated rounds")
+    fraction_train: float = _key(
+        "fraction-train", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]", "fraction of nodes sampled per round"
+    )
+    min_clients: int = _key("min-clients", 2, _positive, "an integer >= 1", "fewest nodes a round may train on")
+    local_steps: int = _key("local-steps", 40, _positive, "an integer >= 1", "optimizer steps per client per round")
+    batch_size: int = _key("batch-size", 16, _positive, "an integer >= 1", "examples per local step")
+    learning_rate: float = _key("learning-rate", 3e-3, _positive, "a number > 0", "client AdamW learning rate")
+    lora_rank: int = _key("lora-rank", 8, _positive, "an integer >= 1", "LoRA rank r of client adapters")
+    lora_alpha: float = _key("lora-alpha", 16.0, _positive, "a number > 0", "LoRA alpha; scaling s = alpha / r")
+    lora_dropout: float = _key("lora-dropout", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)", "LoRA dropout")
+    lora_target_modules: str = _key(
+        "lora-target-modules", "", lambda v: True, "comma-separated module names, or '' for the architecture default",
+        "layers that get adapters",
+    )
+    aggregation: str = _key(
+        "aggregation", "weighted_average", _is_operator, "a name from fedllm.merge.OPERATORS",
+        "merge operator applied to the clients' model-space updates",
+    )
+    aggregation_density: float | None = _key(
+        "aggregation-density", None, lambda v: 0 < v <= 1, "'' (operator default) or a number in (0, 1]",
+        "fraction of each update kept (ties, dare_*, magnitude_prune, breadcrumbs, della)",
+    )
+    aggregation_scale: float | None = _key(
+        "aggregation-scale", None, _positive, "'' (operator default) or a number > 0", "scale of the merged update",
+    )
+    aggregation_gamma: float | None = _key(
+        "aggregation-gamma", None, lambda v: 0 <= v < 1, "'' (operator default) or a number in [0, 1)",
+        "breadcrumbs: fraction of largest entries dropped",
+    )
+    aggregation_epsilon: float | None = _key(
+        "aggregation-epsilon", None, lambda v: 0 <= v < 1, "'' (operator default) or a number in [0, 1)",
+        "della: spread of keep probabilities",
+    )
+    aggregation_beta: float | None = _key(
+        "aggregation-beta", None, lambda v: 0 <= v < 0.5, "'' (operator default) or a number in [0, 0.5)",
+        "trimmed_mean: fraction dropped at each end",
+    )
+    model: str = _key(
+        "model", "builtin:tiny", lambda v: bool(v.strip()), "'builtin:tiny', a Hugging Face name or a local path",
+        "base model",
+    )
+    dataset: str = _key(
+        "dataset", "builtin", lambda v: bool(v.strip()),
+        "'builtin', a local .json/.jsonl/.csv file, or 'hf:<name>'", "instruction data",
+    )
+    partition: str = _key(
+        "partition", "pathological:2", _is_partition, "'iid', 'dirichlet:<alpha>' or 'pathological:<k>'",
+        "how training data is split across clients",
+    )
+    train_per_task: int = _key("train-per-task", 400, _positive, "an integer >= 1", "built-in suite: training examples per task")
+    test_per_task: int = _key("test-per-task", 40, _positive, "an integer >= 1", "built-in suite: test examples per task")
+    test_fraction: float = _key(
+        "test-fraction", 0.1, lambda v: 0 < v < 1, "a number in (0, 1)", "file datasets: share held out for evaluation"
+    )
+    seed: int = _key("seed", 0, lambda v: v >= 0, "an integer >= 0", "seed of data, sampling and training")
+    output_dir: str = _key("output-dir", "", lambda v: True, "a folder path, or '' for outputs/<timestamp>", "where results go")
+    round_timeout: float = _key("round-timeout", 3600.0, _positive, "seconds > 0", "longest wait for a round's replies")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Parse a Flower run config; unknown keys and bad values raise `ConfigError`."""
+        by_key = {f.metadata["key"]: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            if key not in by_key:
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(sorted(by_key))}")
+            spec = by_key[key]
+            value = values[spec.name] = _coerce(key, raw, spec.type, spec.metadata["accepts"])
+            if value is not None and not spec.metadata["check"](value):
+                raise ConfigError(f"run-config {key} = {raw!r} is not accepted; expected {spec.metadata['accepts']}")
+        config = cls(**values)
+        config.aggregation_params()  # an operator parameter the operator does not take is an error
+        return config
+
+    def aggregation_params(self) -> dict[str, Any]:
+        """The `aggregation-<param>` keys that are set, as keyword arguments of the operator."""
+        from fedllm.merge import OPERATOR_PARAMS
+
+        accepted = OPERATOR_PARAMS[self.aggregation]
+        params = {}
+        for f in fields(self):
+            key = f.metadata["key"]
+            if not key.startswith("aggregation-") or getattr(self, f.name) is None:
+                continue
+            name = key[len("aggregation-"):]
+            if name not in accepted:
+                takes = [f"aggregation-{p}" for p in accepted if p != "seed"]
+                raise ConfigError(
+                    f"run-config {key!r} is not a parameter of aggregation {self.aggregation!r}; "
+                    f"it takes {', '.join(takes) or 'no parameters'}"
+                )
+            params[name] = getattr(self, f.name)
+        return params
+
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config under its run-config keys, as written to summary.json."""
+        return {f.metadata["key"]: _toml_value(getattr(self, f.name)) for f in fields(self)}
+
+    def digest(self) -> str:
+        """A short hash of the settings that determine the run's results."""
+        settings = {k: v for k, v in self.as_dict().items() if k not in ("output-dir", "num-server-rounds")}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _toml_value(value: Any) -> Any:
+    """None (an unset optional key) is written as '' as in pyproject.toml."""
+    return "" if value is None else value
+
+
+def _coerce(key: str, raw: Any, kind: str | type, accepts: str) -> Any:
+    """Convert a TOML/CLI value to the field's type without silent truncation ('' = unset)."""
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if kind.endswith(" | None"):
+        if raw == "":
+            return None
+        kind = kind[: -len(" | None")]
+    bad = ConfigError(f"run-config {key} = {raw!r} is not accepted; expected {accepts}")
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or float(raw) != int(raw):
+            raise bad
+        return int(raw)
+    if kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise bad
+        return float(raw)
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise bad
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise bad
+        return raw
+    raise bad
+
+
+def describe() -> str:
+    """A Markdown table of every key, its default and what it accepts."""
+    rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
+    for f in fields(RunConfig):
+        rows.append(f"| `{f.metadata['key']}` | `{_toml_value(f.default)!r}` | {f.metadata['accepts']} | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(describe())
+

@@ -1,0 +1,42 @@
+"""Shared test setup: an isolated, offline Flower home and the project's folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def flower_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for real `flwr run` calls: offline, own FLWR_HOME, own local SuperLink ports.
+
+    Own ports mean a SuperLink left running elsewhere (with another environment) is never used.
+    """
+    env = {
+        "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
+        "FLWR_LOCAL_CONTROL_API_PORT": "39193",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def builtin_path() -> str:
+    """The embedded model, pre-trained once (cached in the user cache folder across sessions)."""
+    from fedllm.models import resolve_model
+
+    return resolve_model("builtin:tiny")

@@ -1,0 +1,60 @@
+"""The run config: defaults match pyproject, unknown keys and bad values name the key."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from fedllm.config import ConfigError, RunConfig, describe
+from tests.conftest import PROJECT
+
+
+def app_config() -> dict:
+    return tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_config_parses_to_the_dataclass_defaults():
+    assert RunConfig.from_flower(app_config()) == RunConfig()
+
+
+def test_unknown_key_is_named_with_the_known_keys():
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'lora-rnak'.*lora-rank"):
+        RunConfig.from_flower({"lora-rnak": 4})
+
+
+@pytest.mark.parametrize("key, value, accepts", [
+    ("num-server-rounds", 0, "an integer >= 1"),
+    ("num-server-rounds", 2.5, "an integer >= 1"),
+    ("fraction-train", 1.5, r"a number in \(0, 1\]"),
+    ("learning-rate", "fast", "a number > 0"),
+    ("lora-dropout", 1.0, r"a number in \[0, 1\)"),
+    ("partition", "dirichlet:-1", "'iid', 'dirichlet:<alpha>'"),
+    ("aggregation", "fedsum", "a name from fedllm.merge.OPERATORS"),
+    ("model", "  ", "'builtin:tiny'"),
+])
+def test_bad_values_name_the_key_and_what_it_accepts(key, value, accepts):
+    with pytest.raises(ConfigError, match=rf"{key} = .* expected {accepts}"):
+        RunConfig.from_flower({key: value})
+
+
+def test_aggregation_parameters_are_checked_against_the_operator():
+    cfg = RunConfig.from_flower({"aggregation": "ties", "aggregation-density": 0.3})
+    assert cfg.aggregation_params() == {"density": 0.3}
+    with pytest.raises(ConfigError, match="not a parameter of aggregation 'weighted_average'; it takes no parameters"):
+        RunConfig.from_flower({"aggregation-density": 0.3})
+    with pytest.raises(ConfigError, match="it takes aggregation-beta"):
+        RunConfig.from_flower({"aggregation": "trimmed_mean", "aggregation-scale": 2.0})
+    assert RunConfig.from_flower({"aggregation-density": ""}).aggregation_density is None
+
+
+def test_digest_ignores_output_dir_but_not_settings():
+    base = RunConfig.from_flower({})
+    assert base.digest() == RunConfig.from_flower({"output-dir": "/elsewhere"}).digest()
+    assert base.digest() != RunConfig.from_flower({"seed": 1}).digest()
+
+
+def test_describe_lists_every_key():
+    table = describe()
+    for key in app_config():
+        assert f"`{key}`" in table
