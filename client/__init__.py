@@ -1,0 +1,1 @@
+"""fedllm's Flower ClientApp: trains adapters on the node's private data."""

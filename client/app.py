@@ -1,0 +1,79 @@
+"""The ClientApp: answer the server's node query, and train the adapter it sends.
+
+Node settings come from the SuperNode's `node-config` (in simulation Flower fills in
+`partition-id` and `num-partitions`): `lora-rank` overrides the run's rank, `data-path` points
+at the node's own data file instead of a share of the run's dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER
+
+from client.worker import MODEL_BUILDS, worker_for
+from fedllm.config import RunConfig
+from fedllm.logs import quiet_third_party
+from fedllm.train import train_steps
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Per-node settings from `node-config`, with the run config as fallback."""
+
+    partition_id: int
+    num_partitions: int
+    rank: int
+    data_path: str
+
+    @classmethod
+    def from_context(cls, context: Context, cfg: RunConfig) -> NodeSettings:
+        node = context.node_config
+        return cls(
+            partition_id=int(node.get("partition-id", 0)),
+            num_partitions=int(node.get("num-partitions", 1)),
+            rank=int(node.get("lora-rank", cfg.lora_rank)),
+            data_path=str(node.get("data-path", "")),
+        )
+
+
+def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:
+    quiet_third_party(FLOWER_LOGGER.handlers)
+    cfg = RunConfig.from_flower(context.run_config)
+    return cfg, NodeSettings.from_context(context, cfg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition, rank and data size (no data leaves the node)."""
+    cfg, node = _setup(context)
+    worker = worker_for(cfg.model)
+    data = worker.training_data(cfg, node.partition_id, node.num_partitions, node.data_path)
+    info = MetricRecord({"partition-id": node.partition_id, "lora-rank": node.rank, "num-examples": len(data)})
+    return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global adapter the server sent, train `local-steps` steps, send the result."""
+    cfg, node = _setup(context)
+    worker = worker_for(cfg.model)
+    data = worker.training_data(cfg, node.partition_id, node.num_partitions, node.data_path)
+    model = worker.adapter(cfg, node.rank)
+    worker.load_factors(node.rank, msg.content["arrays"].to_torch_state_dict())
+    server_round = int(msg.content["config"]["server-round"])
+    loss = train_steps(
+        model, data, steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        seed=cfg.seed * 100_003 + server_round * 1009 + node.partition_id, pad_id=worker.tokenizer.pad_token_id,
+    )
+    metrics = MetricRecord({
+        "num-examples": len(data), "train_loss": loss, "partition-id": node.partition_id,
+        "lora-rank": node.rank, "pid": os.getpid(), "model-builds": MODEL_BUILDS[cfg.model],
+    })
+    arrays = ArrayRecord(worker.factors(node.rank))
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,63 @@
+"""The `fedllm` command: `fedllm run` launches the default federated simulation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fedllm.config import ConfigError
+from fedllm.launch import RunFailed, run_simulation
+
+DEFAULT_CLIENTS = 6
+
+
+def project_dir() -> Path:
+    """The Flower app folder: this checkout's root (where pyproject.toml declares the app)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() else Path.cwd()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        folder = run_simulation(
+            Path(args.app) if args.app else project_dir(), args.run_config, args.clients, out,
+            cpus_per_client=args.cpus_per_client, keep_superlink=args.keep_superlink,
+        )
+    except (RunFailed, ConfigError) as error:
+        print(f"fedllm run: FAILED: {error}", file=sys.stderr)
+        return 1
+    summary = json.loads((folder / "summary.json").read_text())
+    print(f"\nfedllm run: accuracy {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
+          f"in {summary['rounds']} rounds; outputs in {folder}")
+    for task, acc in summary["per_task_accuracy"].items():
+        print(f"  {task:<10} {summary['base_per_task_accuracy'][task]:.3f} -> {acc:.3f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="fedllm", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a federated simulation (the embedded default unless overridden)")
+    run.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="simulated SuperNodes (default %(default)s)")
+    run.add_argument("--run-config", default="", help="overrides, e.g. \"num-server-rounds=3 partition='iid'\"")
+    run.add_argument("--out", default="", help="output folder (default outputs/<timestamp>)")
+    run.add_argument("--app", default="", help="Flower app folder (default: this checkout)")
+    run.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated client (default %(default)s)")
+    run.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running afterwards")
+    run.set_defaults(handler=cmd_run)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="fedllm: %(message)s")
+    args = parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Launch a simulated federated run through `flwr run`, and tell truthfully whether it worked.
+
+`flwr run` exits 0 even when the run failed and leaves its local SuperLink running, so this
+module checks the run's own outputs and stops the SuperLink it started, by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from fedllm.config import RunConfig
+
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else the SuperLink tries to install deps
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences a Ray warning on CPU-only machines
+}
+
+
+class RunFailed(RuntimeError):
+    """The federated run did not produce its summary."""
+
+
+def local_superlink_port() -> int:
+    """Where `flwr run` starts its managed simulation SuperLink (Flower's variable, else 39091)."""
+    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
+
+
+def superlink_pids() -> set[int]:
+    """PIDs of processes listening on the local SuperLink's port."""
+    port = local_superlink_port()
+    return {
+        c.pid for c in psutil.net_connections(kind="inet")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    }
+
+
+def stop_tree(pid: int) -> None:
+    """Terminate a process and its children, then kill what is left after 5 s."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        proc.kill()
+
+
+def flwr_executable() -> str:
+    """The `flwr` command of this Python environment (else the one on PATH)."""
+    beside = Path(sys.executable).with_name("flwr")
+    found = str(beside) if beside.exists() else shutil.which("flwr")
+    if not found:
+        raise RunFailed("the `flwr` command is not installed; run `pip install -e .` in this environment")
+    return found
+
+
+def federation_config(clients: int, cpus_per_client: int) -> str:
+    return f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client}"
+
+
+def resolved_config(app_dir: Path, run_config: str) -> RunConfig:
+    """The run's config as the apps will see it: pyproject defaults plus `run_config` overrides."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    overrides = parse_config_args([run_config])
+    RunConfig.from_flower(overrides)  # our message for an unknown key, before Flower's terser one
+    return RunConfig.from_flower(get_fused_config_from_dir(app_dir, overrides))
+
+
+def run_simulation(
+    app_dir: Path, run_config: str, clients: int, output_dir: Path, *, cpus_per_client: int = 1,
+    keep_superlink: bool = False,
+) -> Path:
+    """Run `flwr run --stream` on `app_dir`; return the output folder or raise `RunFailed`.
+
+    The config is checked and the base model built (a builtin one pre-trained, with progress)
+    here first, so a bad setting fails in a second and the apps find the model cached.
+    """
+    from fedllm.models import resolve_model
+
+    resolve_model(resolved_config(app_dir, run_config).model)
+    output_dir = output_dir.resolve()
+    overrides = f"{run_config} output-dir='{output_dir}'".strip()
+    command = [
+        flwr_executable(), "run", str(app_dir), "--stream",
+        "--run-config", overrides, "--federation-config", federation_config(clients, cpus_per_client),
+    ]
+    env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
+    # flwr starts `flower-superlink` by name: find this environment's even when it is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    already_running = superlink_pids()
+    started = time.perf_counter()
+    try:
+        subprocess.run(command, env=env, check=False)
+    finally:
+        if not keep_superlink:
+            for pid in superlink_pids() - already_running:
+                stop_tree(pid)
+    summary = output_dir / "summary.json"
+    if not summary.exists():
+        raise RunFailed(
+            f"the run wrote no {summary} after {time.perf_counter() - started:.0f} s; "
+            "its log above says why (look for ERROR or Traceback)"
+        )
+    return output_dir

@@ -1,0 +1,1 @@
+"""fedllm's Flower ServerApp: samples nodes, merges their updates, evaluates and exports."""

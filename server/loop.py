@@ -1,0 +1,100 @@
+"""The federated round loop, top to bottom: sample, send, collect, merge, evaluate, record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+from server.model import ServerModel
+from server.record import RunRecorder
+from server.strategy import ModelSpaceStrategy, NodeInfo
+
+POLL_SECONDS = 0.1
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Size of a message's content as serialized for the wire."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None]) -> list[Message]:
+    """Push messages and collect replies as they arrive, until all are in or `timeout` passes."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            on_reply(reply)
+        if pending:
+            time.sleep(POLL_SECONDS)
+    if pending:
+        log(WARNING, "%d node(s) did not reply within %.0f s; going on without them", len(pending), timeout)
+    return replies
+
+
+def discover_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float) -> None:
+    """Ask every connected node for its partition, rank and data size (waits for min-clients)."""
+    while len(node_ids := sorted(grid.get_node_ids())) < strategy.min_train_nodes:
+        log(INFO, "waiting for nodes: %d connected, min-clients = %d", len(node_ids), strategy.min_train_nodes)
+        time.sleep(1)
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    for reply in exchange(grid, queries, timeout, on_reply=lambda r: None):
+        if reply.has_error():
+            log(WARNING, "node %d could not start: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        info = reply.content["node"]
+        strategy.nodes[reply.metadata.src_node_id] = NodeInfo(
+            int(info["partition-id"]), int(info["lora-rank"]), int(info["num-examples"])
+        )
+    if len(strategy.nodes) < strategy.min_train_nodes:
+        raise RuntimeError(f"only {len(strategy.nodes)} node(s) answered; min-clients = {strategy.min_train_nodes}")
+    log(INFO, "%d nodes: %s", len(strategy.nodes), ", ".join(
+        f"partition {i.partition_id} (rank {i.rank}, {i.num_examples} examples)"
+        for i in sorted(strategy.nodes.values(), key=lambda i: i.partition_id)
+    ))
+
+
+def run_rounds(grid: Grid, strategy: ModelSpaceStrategy, server: ServerModel, recorder: RunRecorder, rounds: int, timeout: float):
+    """Train for `rounds` rounds; returns the final global update ΔW_g."""
+    discover_nodes(grid, strategy, timeout)
+    arrays = strategy.zero_update(server.shapes())
+    base = recorder.record(0, server.evaluate(arrays.to_torch_state_dict()), train_loss=None,
+                           upload_bytes=0, download_bytes=0, round_seconds=0.0)
+    log(INFO, "round 0: base model accuracy %.3f", base["accuracy"])
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        download = sum(content_bytes(m.content) for m in messages)
+        done = 0
+
+        def progress(reply: Message) -> None:
+            nonlocal done
+            done += 1
+            loss = "failed" if reply.has_error() else f"loss {float(reply.content['metrics']['train_loss']):.3f}"
+            log(INFO, "round %d/%d: client %d/%d done (%s)", server_round, rounds, done, len(messages), loss)
+
+        replies = exchange(grid, messages, timeout, progress)
+        upload = sum(content_bytes(r.content) for r in replies if not r.has_error())
+        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        per_task = server.evaluate(arrays.to_torch_state_dict())
+        row = recorder.record(
+            server_round, per_task,
+            train_loss=train_metrics["train_loss"], clients=train_metrics["clients"],
+            rejected=train_metrics["rejected"], rejected_reasons=strategy.rejected,
+            upload_bytes=upload, download_bytes=download,
+            refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
+            client_processes=sorted({(int(r.content["metrics"]["pid"]), int(r.content["metrics"]["model-builds"]))
+                                     for r in replies if not r.has_error()}),
+            round_seconds=time.perf_counter() - started,
+        )
+        log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %.3f, %.1f s",
+            server_round, rounds, row["accuracy"], base["accuracy"], row["train_loss"], row["round_seconds"])
+    return arrays.to_torch_state_dict()

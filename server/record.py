@@ -1,0 +1,88 @@
+"""What a run leaves behind: metrics.jsonl (one line per round), summary.json, accuracy.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import RunConfig
+from fedllm.train import mean_accuracy
+
+
+def output_dir_for(cfg: RunConfig) -> Path:
+    """`output-dir`, or outputs/<timestamp> under the working directory; created, absolute."""
+    path = Path(cfg.output_dir or os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S"))).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write to a temporary file, fsync, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Appends one JSON object per round and writes the summary and plot at the end."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+        self.out_dir = out_dir
+        self.cfg = cfg
+        self.rounds: list[dict[str, Any]] = []
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def record(self, server_round: int, per_task: dict[str, float], **fields: Any) -> dict[str, Any]:
+        row = {"round": server_round, "accuracy": mean_accuracy(per_task), "per_task_accuracy": per_task, **fields}
+        self.rounds.append(row)
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return row
+
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        first, last = self.rounds[0], self.rounds[-1]
+        summary = {
+            "base_accuracy": first["accuracy"],
+            "final_accuracy": last["accuracy"],
+            "per_task_accuracy": last["per_task_accuracy"],
+            "base_per_task_accuracy": first["per_task_accuracy"],
+            "rounds": last["round"],
+            "upload_bytes": sum(r.get("upload_bytes", 0) for r in self.rounds),
+            "download_bytes": sum(r.get("download_bytes", 0) for r in self.rounds),
+            **fields,
+            "config": self.cfg.as_dict(),
+        }
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        plot_accuracy(self.rounds, self.out_dir / "accuracy.png")
+        return summary
+
+
+def plot_accuracy(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Mean and per-task accuracy per round, and the clients' train loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in rounds]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for task in rounds[0]["per_task_accuracy"]:
+        acc_ax.plot(xs, [r["per_task_accuracy"][task] for r in rounds], alpha=0.6, linewidth=1, label=task)
+    acc_ax.plot(xs, [r["accuracy"] for r in rounds], color="black", linewidth=2.5, label="mean")
+    acc_ax.set(xlabel="round", ylabel="exact-match accuracy", ylim=(-0.02, 1.02), title="server model, test split")
+    acc_ax.legend(fontsize=8, ncol=2)
+    trained = [r for r in rounds if r.get("train_loss") is not None]
+    loss_ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], marker="o")
+    loss_ax.set(xlabel="round", ylabel="mean client train loss", title="local training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""The strategy: Flower's FedAvg hooks, with aggregation in model space by a merge operator.
+
+`arrays` carries the exact global update ΔW_g (module name -> dense float32). Each sampled node
+receives the best rank-r_k factors of ΔW_g; its reply becomes `τ_k = s·B'A' − s·BA` (after minus
+as sent), the operator merges the τ_k per module, and `ΔW_g ← ΔW_g + merge(τ)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedllm.adapters import Delta, Refactored, deltas_from_state, refactor
+from fedllm.config import RunConfig
+from fedllm.merge import RANDOMIZED, get_operator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node told the server about itself in the start-up query."""
+
+    partition_id: int
+    rank: int
+    num_examples: int
+
+
+class ReplyRejected(ValueError):
+    """A client reply that must not enter the aggregate."""
+
+
+class ModelSpaceStrategy(Strategy):
+    """Sampling, re-factoring per rank, and merge-operator aggregation of model-space updates.
+
+    Evaluation happens on the server (the exact model `W0 + ΔW_g` on the held-out split), so the
+    federated-evaluation hooks send nothing.
+    """
+
+    def __init__(self, cfg: RunConfig, layouts: dict[str, bool]) -> None:
+        self.cfg = cfg
+        self.fraction_train = cfg.fraction_train
+        self.min_train_nodes = cfg.min_clients
+        self.layouts = layouts
+        self.operator = get_operator(cfg.aggregation)
+        self.operator_params = cfg.aggregation_params()
+        self.nodes: dict[int, NodeInfo] = {}
+        self.sent: dict[int, Refactored] = {}  # rank -> factors sent to nodes of that rank this round
+        self.sent_delta: dict[int, Delta] = {}
+        self.rejected: list[str] = []
+        self.current: Delta = {}  # ΔW_g as of configure_train
+
+    def zero_update(self, shapes: dict[str, torch.Size]) -> ArrayRecord:
+        """ΔW_g before any training."""
+        return ArrayRecord({m: torch.zeros(shape) for m, shape in shapes.items()})
+
+    def sample(self, server_round: int) -> list[int]:
+        """Seeded choice of this round's nodes, in partition order, so runs are reproducible."""
+        ordered = sorted(self.nodes, key=lambda n: (self.nodes[n].partition_id, n))
+        count = min(len(ordered), max(int(len(ordered) * self.fraction_train), self.min_train_nodes))
+        rng = random.Random(f"{self.cfg.seed}:sample:{server_round}")
+        return sorted(rng.sample(ordered, count), key=ordered.index)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send each sampled node the rank-r_k factors of ΔW_g."""
+        global_delta = self.current = arrays.to_torch_state_dict()
+        node_ids = self.sample(server_round)
+        ranks = sorted({self.nodes[n].rank for n in node_ids})
+        self.sent = {
+            r: refactor(global_delta, r, self.cfg.lora_alpha / r, self.layouts, seed=self.cfg.seed * 7919 + server_round)
+            for r in ranks
+        }
+        self.sent_delta = {r: deltas_from_state(s.state, self.cfg.lora_alpha / r, self.layouts) for r, s in self.sent.items()}
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict({
+                "arrays": ArrayRecord(self.sent[self.nodes[node_id].rank].state),
+                "config": ConfigRecord({**dict(config), "server-round": server_round}),
+            })
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        return messages
+
+    def client_update(self, reply: Message) -> tuple[Delta, float]:
+        """`τ_k` per module and the example count of one reply; `ReplyRejected` if malformed."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise ReplyRejected(f"node {node} failed: {reply.error.reason}")
+        metrics = reply.content["metrics"]
+        rank = int(metrics["lora-rank"])
+        if rank not in self.sent:
+            raise ReplyRejected(f"node {node} replied with rank {rank}, but was sent rank(s) {sorted(self.sent)}")
+        state = reply.content["arrays"].to_torch_state_dict()
+        expected = self.sent[rank].state
+        if set(state) != set(expected):
+            raise ReplyRejected(f"node {node} sent tensors {sorted(set(state) ^ set(expected))[:3]} that differ from those sent")
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise ReplyRejected(f"node {node}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+            if not torch.isfinite(tensor).all():
+                raise ReplyRejected(f"node {node}: {key} contains NaN or Inf")
+        examples = float(metrics["num-examples"])
+        if not examples > 0:
+            raise ReplyRejected(f"node {node} reported {examples} examples; it must be > 0")
+        after = deltas_from_state(state, self.cfg.lora_alpha / rank, self.layouts)
+        return {m: after[m] - self.sent_delta[rank][m] for m in after}, examples
+
+    def round_seed(self, server_round: int, module_index: int) -> dict[str, int]:
+        """A fresh, reproducible seed per round and module for randomized operators (DARE, DELLA)."""
+        if self.cfg.aggregation not in RANDOMIZED:
+            return {}
+        return {"seed": (self.cfg.seed * 1_000_003 + server_round * 10_007 + module_index) % 2**31}
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("model-space strategy: aggregation %s %s, fraction-train %.2f, min-clients %d",
+                 self.cfg.aggregation, self.operator_params, self.fraction_train, self.min_train_nodes)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """`ΔW_g + merge(τ_1..τ_K)` over the valid replies, and the round's training metrics.
+
+        Invalid replies are dropped with a logged reason; fewer than `min-clients` valid ones
+        fail the round (the run can then resume from its last completed round).
+        """
+        updates, weights, losses, self.rejected = [], [], [], []
+        for reply in replies:
+            try:
+                tau, examples = self.client_update(reply)
+            except ReplyRejected as reason:
+                log.warning("round %d: rejected reply: %s", server_round, reason)
+                self.rejected.append(str(reason))
+                continue
+            updates.append(tau)
+            weights.append(examples)
+            losses.append(float(reply.content["metrics"]["train_loss"]))
+        if len(updates) < self.min_train_nodes:
+            raise RuntimeError(
+                f"round {server_round}: only {len(updates)} valid replies (min-clients = {self.min_train_nodes}); "
+                f"rejected: {self.rejected or 'none'}"
+            )
+        w = torch.tensor(weights)
+        merged = {
+            module: delta + self.operator(
+                torch.stack([u[module] for u in updates]), w, **self.operator_params,
+                **self.round_seed(server_round, index),
+            )
+            for index, (module, delta) in enumerate(self.current.items())
+        }
+        metrics = MetricRecord({
+            "train_loss": float(sum(l * n for l, n in zip(losses, weights)) / sum(weights)),
+            "clients": len(updates), "rejected": len(self.rejected),
+        })
+        return ArrayRecord(merged), metrics

@@ -1,0 +1,117 @@
+"""Real `flwr run` simulations end to end: outputs, exports, bytes, one model build per process."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedllm.adapters import default_target_modules, target_layers
+from fedllm.config import ConfigError, RunConfig
+from fedllm.data import load_splits
+from fedllm.launch import RunFailed, run_simulation
+from fedllm.train import evaluate
+from tests.conftest import PROJECT
+
+SMALL = ("num-server-rounds=2 local-steps=8 train-per-task=60 test-per-task=10 "
+         "partition='pathological:2' seed=5")
+
+
+@pytest.fixture(scope="module")
+def small_run(flower_env, builtin_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_simulation(PROJECT, SMALL, clients=3, output_dir=out)
+    return out
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_every_output(small_run):
+    metrics = rows(small_run)
+    assert [r["round"] for r in metrics] == [0, 1, 2]
+    for row in metrics:
+        for key in ("accuracy", "per_task_accuracy", "train_loss", "upload_bytes", "download_bytes", "round_seconds"):
+            assert key in row, key
+    assert all(r["upload_bytes"] > 0 and r["download_bytes"] > 0 and r["clients"] == 3 for r in metrics[1:])
+    summary = json.loads((small_run / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    assert summary["base_accuracy"] == metrics[0]["accuracy"]
+    assert summary["final_accuracy"] == metrics[-1]["accuracy"]
+    assert summary["config"]["seed"] == 5 and summary["config"]["local-steps"] == 8
+    assert (small_run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exported_model_reproduces_the_reported_accuracy(small_run):
+    summary = json.loads((small_run / "summary.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(small_run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(small_run / "model")
+    cfg = RunConfig.from_flower(summary["config"])
+    _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
+                          test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+    assert evaluate(model, tokenizer, test) == summary["per_task_accuracy"]
+
+
+def test_adapter_loads_in_peft_and_differs_from_the_model_by_its_reported_error(small_run, builtin_path):
+    base = AutoModelForCausalLM.from_pretrained(builtin_path)
+    w0 = {n: l.weight.detach().clone() for n, l in target_layers(base, default_target_modules(base)).items()}
+    merged = PeftModel.from_pretrained(base, str(small_run / "adapter")).merge_and_unload()
+    exact = AutoModelForCausalLM.from_pretrained(small_run / "model")
+    adapter_w = dict(merged.named_modules())
+    exact_w = dict(exact.named_modules())
+    error = norm = 0.0
+    for name, weight in w0.items():
+        delta_exact = exact_w[name].weight.detach() - weight
+        delta_adapter = adapter_w[name].weight.detach() - weight
+        error += float((delta_exact - delta_adapter).double().pow(2).sum())
+        norm += float(delta_exact.double().pow(2).sum())
+    reported = json.loads((small_run / "adapter" / "truncation_error.json").read_text())["relative_frobenius_error"]
+    assert norm > 0, "training must have moved the server model"
+    assert math.sqrt(error / norm) == pytest.approx(reported, abs=1e-4)
+
+
+def test_each_client_process_builds_the_base_model_once(small_run):
+    seen = {}
+    for row in rows(small_run)[1:]:
+        for pid, builds in row["client_processes"]:
+            seen.setdefault(pid, set()).add(builds)
+    assert seen and all(builds == {1} for builds in seen.values()), seen
+
+
+def test_upload_bytes_are_the_serialized_factor_sizes(small_run, builtin_path):
+    base = AutoModelForCausalLM.from_pretrained(builtin_path)
+    rank = 8
+    floats = sum(rank * sum(layer.weight.shape) for layer in target_layers(base, default_target_modules(base)).values())
+    for row in rows(small_run)[1:]:
+        payload = row["clients"] * floats * 4
+        assert payload <= row["upload_bytes"] <= payload * 1.05 + 4096 * row["clients"]
+
+
+def test_a_bad_key_is_refused_before_flower_starts(flower_env, tmp_path):
+    with pytest.raises(ConfigError, match="unknown run-config key 'lora-rnak'"):
+        run_simulation(PROJECT, "lora-rnak=4", clients=2, output_dir=tmp_path)
+
+
+def test_a_run_that_fails_inside_flower_is_detected(flower_env, tmp_path, capfd):
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(RunFailed, match="wrote no"):
+        run_simulation(PROJECT, f"model='builtin:micro' dataset='{missing}'", clients=2, output_dir=tmp_path / "out")
+    assert str(missing) in capfd.readouterr().out
+
+
+def test_a_run_on_a_local_dataset_file_reports_its_tasks(flower_env, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    lines = [{"instruction": "upper", "input": w, "output": w.upper(), "task": "upper"} for w in ("ab", "cd", "ef", "gh", "ij", "kl")]
+    lines += [{"instruction": "echo", "input": w, "output": w, "task": "echo"} for w in ("mn", "op", "qr", "st", "uv", "wx")]
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    run_simulation(PROJECT, f"model='builtin:micro' dataset='{data}' partition='iid' num-server-rounds=1 "
+                   "local-steps=2 test-fraction=0.34", clients=2, output_dir=out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_task_accuracy"]) == {"upper", "echo"}
+    assert summary["config"]["dataset"] == str(data)
+    assert [r["round"] for r in rows(out)] == [0, 1]
