@@ -1,4 +1,5 @@
-"""The `fedllm` command: `fedllm run` launches the default federated simulation."""
+"""The `fedllm` command: `fedllm run` launches the default federated simulation; `fedllm certs`
+makes the TLS certificates and SuperNode keys for a deployment across institutions."""
 
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedllm.deploy import CertsError, create_certs, next_steps
+
+    out = Path(args.out)
+    try:
+        written = create_certs(out, args.hosts, args.nodes, force=args.force)
+    except (CertsError, OSError) as error:
+        print(f"fedllm certs: {error}", file=sys.stderr)
+        return 1
+    print(f"fedllm certs: wrote {len(written)} files under {out.resolve()}")
+    for path in written:
+        print(f"  {path.stat().st_mode & 0o777:04o}  {path}")
+    print(next_steps(out, args.hosts, args.nodes))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedllm", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -50,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated client (default %(default)s)")
     run.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running afterwards")
     run.set_defaults(handler=cmd_run)
+    certs = commands.add_parser("certs", help="create a CA, the SuperLink's TLS certificate and SuperNode auth keys")
+    certs.add_argument("--out", required=True, help="folder to write into (ca.crt, server.pem, nodes/node<i>, ...)")
+    certs.add_argument("--hosts", required=True,
+                       help="the SuperLink's DNS names and IP addresses, comma-separated (loopback is always added)")
+    certs.add_argument("--nodes", type=int, required=True, help="number of SuperNode key pairs")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(handler=cmd_certs)
     return top
 
 
