@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
@@ -34,10 +35,11 @@ class NodeSettings:
     @classmethod
     def from_context(cls, context: Context, cfg: RunConfig) -> NodeSettings:
         node = context.node_config
+        partition_id = int(node.get("partition-id", 0))
         return cls(
-            partition_id=int(node.get("partition-id", 0)),
+            partition_id=partition_id,
             num_partitions=int(node.get("num-partitions", 1)),
-            rank=int(node.get("lora-rank", cfg.lora_rank)),
+            rank=int(node.get("lora-rank", cfg.rank_for_partition(partition_id))),
             data_path=str(node.get("data-path", "")),
         )
 
@@ -67,9 +69,11 @@ def train(msg: Message, context: Context) -> Message:
     model = worker.adapter(cfg, node.rank)
     worker.load_factors(node.rank, msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])
+    seed = cfg.seed * 100_003 + server_round * 1009 + node.partition_id
+    torch.manual_seed(seed)  # dropout draws from the global RNG: fixed per (seed, round, partition)
     loss = train_steps(
         model, data, steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        seed=cfg.seed * 100_003 + server_round * 1009 + node.partition_id, pad_id=worker.tokenizer.pad_token_id,
+        seed=seed, pad_id=worker.tokenizer.pad_token_id,
     )
     metrics = MetricRecord({
         "num-examples": len(data), "train_loss": loss, "partition-id": node.partition_id,

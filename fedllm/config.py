@@ -14,6 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fedllm.server_optim import OPTIMIZERS, ServerOptimizer
+
+
+# Keys that may differ between a run and its resumption without changing its results.
+RESULT_NEUTRAL_KEYS = ("output-dir", "num-server-rounds", "resume", "resume-from", "round-timeout")
+
 
 class ConfigError(ValueError):
     """A run-config key is unknown or has a bad value."""
@@ -25,6 +31,11 @@ def _key(name: str, default: Any, check: Callable[[Any], bool], accepts: str, do
 
 def _positive(value: Any) -> bool:
     return value > 0
+
+
+def _is_rank_list(value: str) -> bool:
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    return all(p.isdigit() and int(p) > 0 for p in parts)
 
 
 def _is_partition(value: str) -> bool:
@@ -85,6 +96,20 @@ class RunConfig:
         "aggregation-beta", None, lambda v: 0 <= v < 0.5, "'' (operator default) or a number in [0, 0.5)",
         "trimmed_mean: fraction dropped at each end",
     )
+    server_optimizer: str = _key(
+        "server-optimizer", "none", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", "step applied to the merged update (FedAvgM / FedOpt)",
+    )
+    server_learning_rate: float = _key(
+        "server-learning-rate", 1.0, _positive, "a number > 0", "server step size η (adaptive optimizers: ~1e-3)"
+    )
+    server_momentum: float = _key("server-momentum", 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)", "momentum: μ")
+    server_beta1: float = _key("server-beta1", 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)", "adagrad/yogi/adam: β1")
+    server_beta2: float = _key("server-beta2", 0.99, lambda v: 0 <= v < 1, "a number in [0, 1)", "yogi/adam: β2")
+    server_tau: float = _key("server-tau", 1e-3, _positive, "a number > 0", "adagrad/yogi/adam: τ")
+    client_ranks: str = _key(
+        "client-ranks", "", _is_rank_list, "'' or comma-separated ranks, e.g. '4,8,16'",
+        "simulation: LoRA rank per partition, cycling (a node's node-config lora-rank wins)",
+    )
     model: str = _key(
         "model", "builtin:tiny", lambda v: bool(v.strip()), "'builtin:tiny', a Hugging Face name or a local path",
         "base model",
@@ -105,21 +130,38 @@ class RunConfig:
     seed: int = _key("seed", 0, lambda v: v >= 0, "an integer >= 0", "seed of data, sampling and training")
     output_dir: str = _key("output-dir", "", lambda v: True, "a folder path, or '' for outputs/<timestamp>", "where results go")
     round_timeout: float = _key("round-timeout", 3600.0, _positive, "seconds > 0", "longest wait for a round's replies")
+    resume: bool = _key(
+        "resume", False, lambda v: True, "true or false",
+        "continue the run in output-dir from its last completed round",
+    )
+    resume_from: str = _key(
+        "resume-from", "", lambda v: True, "'' or the folder of an earlier run",
+        "continue that run from its last completed round (outputs go to output-dir, default the same folder)",
+    )
+
+    @classmethod
+    def check_keys(cls, run_config: Mapping[str, Any]) -> None:
+        """Raise `ConfigError` naming the first unknown key (values are checked by `from_flower`)."""
+        known = {f.metadata["key"] for f in fields(cls)}
+        for key in run_config:
+            if key not in known:
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(sorted(known))}")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Parse a Flower run config; unknown keys and bad values raise `ConfigError`."""
+        cls.check_keys(run_config)
         by_key = {f.metadata["key"]: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in run_config.items():
-            if key not in by_key:
-                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(sorted(by_key))}")
             spec = by_key[key]
             value = values[spec.name] = _coerce(key, raw, spec.type, spec.metadata["accepts"])
             if value is not None and not spec.metadata["check"](value):
                 raise ConfigError(f"run-config {key} = {raw!r} is not accepted; expected {spec.metadata['accepts']}")
         config = cls(**values)
         config.aggregation_params()  # an operator parameter the operator does not take is an error
+        if config.resume and not (config.output_dir or config.resume_from):
+            raise ConfigError("resume = true needs output-dir set to the folder of the run to continue (or use resume-from)")
         return config
 
     def aggregation_params(self) -> dict[str, Any]:
@@ -142,6 +184,17 @@ class RunConfig:
             params[name] = getattr(self, f.name)
         return params
 
+    def rank_for_partition(self, partition_id: int) -> int:
+        """This partition's LoRA rank: `client-ranks` cycled over partitions, else `lora-rank`."""
+        ranks = [int(p) for p in self.client_ranks.split(",") if p.strip()]
+        return ranks[partition_id % len(ranks)] if ranks else self.lora_rank
+
+    def server_optimizer_settings(self) -> ServerOptimizer:
+        return ServerOptimizer(
+            self.server_optimizer, self.server_learning_rate, self.server_momentum,
+            self.server_beta1, self.server_beta2, self.server_tau,
+        )
+
     def target_modules(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
 
@@ -151,7 +204,7 @@ class RunConfig:
 
     def digest(self) -> str:
         """A short hash of the settings that determine the run's results."""
-        settings = {k: v for k, v in self.as_dict().items() if k not in ("output-dir", "num-server-rounds")}
+        settings = {k: v for k, v in self.as_dict().items() if k not in RESULT_NEUTRAL_KEYS}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

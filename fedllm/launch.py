@@ -60,6 +60,14 @@ def stop_tree(pid: int) -> None:
         proc.kill()
 
 
+def reap_orphaned_ray(since: float) -> None:
+    """Stop Ray helpers that our run started and that lost their parent (a crashed simulation)."""
+    for proc in psutil.process_iter(["ppid", "create_time", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["ppid"] == 1 and proc.info["create_time"] >= since and ("ray::" in cmdline or "/ray/" in cmdline):
+            stop_tree(proc.pid)
+
+
 def flwr_executable() -> str:
     """The `flwr` command of this Python environment (else the one on PATH)."""
     beside = Path(sys.executable).with_name("flwr")
@@ -78,7 +86,7 @@ def resolved_config(app_dir: Path, run_config: str) -> RunConfig:
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
     overrides = parse_config_args([run_config])
-    RunConfig.from_flower(overrides)  # our message for an unknown key, before Flower's terser one
+    RunConfig.check_keys(overrides)  # our message for an unknown key, before Flower's terser one
     return RunConfig.from_flower(get_fused_config_from_dir(app_dir, overrides))
 
 
@@ -93,9 +101,9 @@ def run_simulation(
     """
     from fedllm.models import resolve_model
 
-    resolve_model(resolved_config(app_dir, run_config).model)
     output_dir = output_dir.resolve()
     overrides = f"{run_config} output-dir='{output_dir}'".strip()
+    resolve_model(resolved_config(app_dir, overrides).model)
     command = [
         flwr_executable(), "run", str(app_dir), "--stream",
         "--run-config", overrides, "--federation-config", federation_config(clients, cpus_per_client),
@@ -105,12 +113,14 @@ def run_simulation(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     already_running = superlink_pids()
     started = time.perf_counter()
+    started_at = time.time()
     try:
         subprocess.run(command, env=env, check=False)
     finally:
         if not keep_superlink:
             for pid in superlink_pids() - already_running:
                 stop_tree(pid)
+        reap_orphaned_ray(started_at)
     summary = output_dir / "summary.json"
     if not summary.exists():
         raise RunFailed(

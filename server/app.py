@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
+from fedllm.checkpoint import STATE_FILE, RunState, load_state
 from fedllm.config import RunConfig
 from fedllm.data import load_splits
 from fedllm.logs import quiet_third_party
@@ -20,6 +23,17 @@ from server.strategy import ModelSpaceStrategy
 app = ServerApp()
 
 
+def resumed_state(cfg: RunConfig, out_dir: Path) -> RunState | None:
+    """The state to continue from (`resume-from`, or `output-dir` with `resume`), else None."""
+    if cfg.resume_from:
+        return load_state(Path(cfg.resume_from).expanduser().resolve(), cfg.as_dict(), cfg.digest())
+    if cfg.resume and (out_dir / STATE_FILE).exists():
+        return load_state(out_dir, cfg.as_dict(), cfg.digest())
+    if cfg.resume:
+        log(INFO, "resume = true but %s has no run state yet: starting from round 0", out_dir)
+    return None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
@@ -29,11 +43,17 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedllm run: outputs in %s", out_dir)
     _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+    resumed = resumed_state(cfg, out_dir)
     server = ServerModel(cfg, test)
     strategy = ModelSpaceStrategy(cfg, server.layouts)
     recorder = RunRecorder(out_dir, cfg)
-    global_delta = run_rounds(grid, strategy, server, recorder, cfg.num_server_rounds, cfg.round_timeout)
+    global_delta = run_rounds(grid, strategy, server, recorder, cfg.num_server_rounds, cfg.round_timeout, resumed)
     adapter_error = server.export(global_delta, out_dir)
-    summary = recorder.finish(adapter_truncation_error=adapter_error, wall_seconds=time.perf_counter() - started)
+    summary = recorder.finish(
+        adapter_truncation_error=adapter_error,
+        refactor_error=recorder.rounds[-1].get("refactor_error", {}),
+        nodes=sorted((asdict(info) for info in strategy.nodes.values()), key=lambda n: n["partition_id"]),
+        wall_seconds=time.perf_counter() - started,
+    )
     log(INFO, "done: accuracy %.3f -> %.3f over %d rounds; outputs in %s",
         summary["base_accuracy"], summary["final_accuracy"], summary["rounds"], out_dir)

@@ -6,11 +6,12 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
 from server.model import ServerModel
 from server.record import RunRecorder
 from server.strategy import ModelSpaceStrategy, NodeInfo
@@ -40,13 +41,22 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: 
     return replies
 
 
-def discover_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float) -> None:
-    """Ask every connected node for its partition, rank and data size (waits for min-clients)."""
-    while len(node_ids := sorted(grid.get_node_ids())) < strategy.min_train_nodes:
-        log(INFO, "waiting for nodes: %d connected, min-clients = %d", len(node_ids), strategy.min_train_nodes)
+def refresh_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float, wait: bool = False) -> None:
+    """Mark which nodes are online and ask new ones for their partition, rank and data size.
+
+    Called before every round, so a node that (re)joins takes part from the next round on and a
+    node that left is not sampled. With `wait`, waits up to `timeout` for min-clients nodes.
+    """
+    deadline = time.monotonic() + timeout
+    while wait and len(online := set(grid.get_node_ids())) < strategy.min_train_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(online)} node(s) online after {timeout:.0f} s; min-clients = {strategy.min_train_nodes}")
+        log(INFO, "waiting for nodes: %d connected, min-clients = %d", len(online), strategy.min_train_nodes)
         time.sleep(1)
-    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    for reply in exchange(grid, queries, timeout, on_reply=lambda r: None):
+    online = set(grid.get_node_ids())
+    new = sorted(online - set(strategy.nodes))
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+    for reply in exchange(grid, queries, timeout, on_reply=lambda r: None) if queries else []:
         if reply.has_error():
             log(WARNING, "node %d could not start: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
@@ -54,23 +64,40 @@ def discover_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float) -> 
         strategy.nodes[reply.metadata.src_node_id] = NodeInfo(
             int(info["partition-id"]), int(info["lora-rank"]), int(info["num-examples"])
         )
-    if len(strategy.nodes) < strategy.min_train_nodes:
-        raise RuntimeError(f"only {len(strategy.nodes)} node(s) answered; min-clients = {strategy.min_train_nodes}")
-    log(INFO, "%d nodes: %s", len(strategy.nodes), ", ".join(
-        f"partition {i.partition_id} (rank {i.rank}, {i.num_examples} examples)"
-        for i in sorted(strategy.nodes.values(), key=lambda i: i.partition_id)
-    ))
+        log(INFO, "node %d joined: partition %s, rank %s, %s examples", reply.metadata.src_node_id,
+            info["partition-id"], info["lora-rank"], info["num-examples"])
+    strategy.online = online & set(strategy.nodes)
+    if len(strategy.online) < strategy.min_train_nodes:
+        raise RuntimeError(f"only {len(strategy.online)} usable node(s); min-clients = {strategy.min_train_nodes}")
 
 
-def run_rounds(grid: Grid, strategy: ModelSpaceStrategy, server: ServerModel, recorder: RunRecorder, rounds: int, timeout: float):
-    """Train for `rounds` rounds; returns the final global update ΔW_g."""
-    discover_nodes(grid, strategy, timeout)
-    arrays = strategy.zero_update(server.shapes())
-    base = recorder.record(0, server.evaluate(arrays.to_torch_state_dict()), train_loss=None,
-                           upload_bytes=0, download_bytes=0, round_seconds=0.0)
+def run_rounds(
+    grid: Grid, strategy: ModelSpaceStrategy, server: ServerModel, recorder: RunRecorder, rounds: int,
+    timeout: float, resumed: RunState | None = None,
+):
+    """Train up to round `rounds` (continuing `resumed` if given); returns the final ΔW_g.
+
+    The run state is saved atomically after round 0 and after every completed round.
+    """
+    refresh_nodes(grid, strategy, timeout, wait=True)
+    if resumed is None:
+        arrays = strategy.zero_update(server.shapes())
+        base = recorder.record(0, server.evaluate(arrays.to_torch_state_dict()), train_loss=None,
+                               upload_bytes=0, download_bytes=0, round_seconds=0.0)
+        checkpoint(recorder, strategy, arrays, 0)
+    else:
+        arrays = ArrayRecord(resumed.global_delta)
+        strategy.optimizer_state = resumed.optimizer_state
+        recorder.restore(resumed.metrics)
+        restore_rng(resumed.rng)
+        base = recorder.rounds[0]
+        log(INFO, "resuming after round %d of %d", resumed.round, rounds)
     log(INFO, "round 0: base model accuracy %.3f", base["accuracy"])
-    for server_round in range(1, rounds + 1):
+    first = 1 if resumed is None else resumed.round + 1
+    for server_round in range(first, rounds + 1):
         started = time.perf_counter()
+        if server_round > first:
+            refresh_nodes(grid, strategy, timeout)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         download = sum(content_bytes(m.content) for m in messages)
         done = 0
@@ -95,6 +122,16 @@ def run_rounds(grid: Grid, strategy: ModelSpaceStrategy, server: ServerModel, re
                                      for r in replies if not r.has_error()}),
             round_seconds=time.perf_counter() - started,
         )
+        checkpoint(recorder, strategy, arrays, server_round)
         log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %.3f, %.1f s",
             server_round, rounds, row["accuracy"], base["accuracy"], row["train_loss"], row["round_seconds"])
     return arrays.to_torch_state_dict()
+
+
+def checkpoint(recorder: RunRecorder, strategy: ModelSpaceStrategy, arrays: ArrayRecord, server_round: int) -> None:
+    """Save what a resumed run needs to continue after `server_round`."""
+    cfg = strategy.cfg
+    save_state(recorder.out_dir, RunState(
+        server_round, arrays.to_torch_state_dict(), strategy.optimizer_state, recorder.rounds,
+        cfg.as_dict(), cfg.digest(), capture_rng(),
+    ))

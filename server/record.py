@@ -13,8 +13,9 @@ from fedllm.train import mean_accuracy
 
 
 def output_dir_for(cfg: RunConfig) -> Path:
-    """`output-dir`, or outputs/<timestamp> under the working directory; created, absolute."""
-    path = Path(cfg.output_dir or os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S"))).expanduser().resolve()
+    """`output-dir`, else the `resume-from` folder, else outputs/<timestamp>; created, absolute."""
+    chosen = cfg.output_dir or cfg.resume_from or os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S"))
+    path = Path(chosen).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -38,6 +39,14 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.metrics_path = out_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Continue from a resumed run's rows (metrics.jsonl is rewritten to exactly those)."""
+        self.rounds = list(rows)
+        with open(self.metrics_path, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def record(self, server_round: int, per_task: dict[str, float], **fields: Any) -> dict[str, Any]:
         row = {"round": server_round, "accuracy": mean_accuracy(per_task), "per_task_accuracy": per_task, **fields}

@@ -51,7 +51,10 @@ class ModelSpaceStrategy(Strategy):
         self.layouts = layouts
         self.operator = get_operator(cfg.aggregation)
         self.operator_params = cfg.aggregation_params()
-        self.nodes: dict[int, NodeInfo] = {}
+        self.optimizer = cfg.server_optimizer_settings()
+        self.optimizer_state: dict[str, Delta] = {}  # server optimizer moments; part of the run state
+        self.nodes: dict[int, NodeInfo] = {}  # every node that ever answered the start-up query
+        self.online: set[int] = set()  # those connected at the start of this round
         self.sent: dict[int, Refactored] = {}  # rank -> factors sent to nodes of that rank this round
         self.sent_delta: dict[int, Delta] = {}
         self.rejected: list[str] = []
@@ -62,8 +65,8 @@ class ModelSpaceStrategy(Strategy):
         return ArrayRecord({m: torch.zeros(shape) for m, shape in shapes.items()})
 
     def sample(self, server_round: int) -> list[int]:
-        """Seeded choice of this round's nodes, in partition order, so runs are reproducible."""
-        ordered = sorted(self.nodes, key=lambda n: (self.nodes[n].partition_id, n))
+        """Seeded choice among the online nodes, in partition order, so runs are reproducible."""
+        ordered = sorted(self.online, key=lambda n: (self.nodes[n].partition_id, n))
         count = min(len(ordered), max(int(len(ordered) * self.fraction_train), self.min_train_nodes))
         rng = random.Random(f"{self.cfg.seed}:sample:{server_round}")
         return sorted(rng.sample(ordered, count), key=ordered.index)
@@ -128,7 +131,7 @@ class ModelSpaceStrategy(Strategy):
                  self.cfg.aggregation, self.operator_params, self.fraction_train, self.min_train_nodes)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
-        """`ΔW_g + merge(τ_1..τ_K)` over the valid replies, and the round's training metrics.
+        """`ΔW_g + server_step(merge(τ_1..τ_K))` over the valid replies, and the round's training metrics.
 
         Invalid replies are dropped with a logged reason; fewer than `min-clients` valid ones
         fail the round (the run can then resume from its last completed round).
@@ -151,14 +154,16 @@ class ModelSpaceStrategy(Strategy):
             )
         w = torch.tensor(weights)
         merged = {
-            module: delta + self.operator(
+            module: self.operator(
                 torch.stack([u[module] for u in updates]), w, **self.operator_params,
                 **self.round_seed(server_round, index),
             )
-            for index, (module, delta) in enumerate(self.current.items())
+            for index, module in enumerate(self.current)
         }
+        step, self.optimizer_state = self.optimizer.step(merged, self.optimizer_state)
+        new_global = {module: delta + step[module] for module, delta in self.current.items()}
         metrics = MetricRecord({
             "train_loss": float(sum(l * n for l, n in zip(losses, weights)) / sum(weights)),
             "clients": len(updates), "rejected": len(self.rejected),
         })
-        return ArrayRecord(merged), metrics
+        return ArrayRecord(new_global), metrics

@@ -58,3 +58,9 @@ def test_describe_lists_every_key():
     table = describe()
     for key in app_config():
         assert f"`{key}`" in table
+
+
+def test_readme_documents_every_key_with_its_default():
+    readme = (PROJECT / "README.md").read_text()
+    for row in describe().splitlines()[2:]:
+        assert row in readme, f"README.md is missing or outdated for: {row}"

@@ -115,3 +115,18 @@ def test_a_run_on_a_local_dataset_file_reports_its_tasks(flower_env, tmp_path):
     assert set(summary["per_task_accuracy"]) == {"upper", "echo"}
     assert summary["config"]["dataset"] == str(data)
     assert [r["round"] for r in rows(out)] == [0, 1]
+
+
+def test_heterogeneous_ranks_with_ties_and_server_momentum(flower_env, builtin_path, tmp_path):
+    run_simulation(
+        PROJECT, "num-server-rounds=2 local-steps=6 train-per-task=40 test-per-task=6 client-ranks='4,8' "
+        "aggregation='ties' aggregation-density=0.5 server-optimizer='momentum' server-momentum=0.5",
+        clients=3, output_dir=tmp_path,
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(n["partition_id"], n["rank"]) for n in summary["nodes"]] == [(0, 4), (1, 8), (2, 4)]
+    assert summary["config"]["aggregation"] == "ties"
+    last = rows(tmp_path)[-1]
+    assert set(last["refactor_error"]) == {"4", "8"}
+    # after a round of three rank-4/8 updates, rank 4 loses more of the global update than rank 8
+    assert last["refactor_error"]["4"] > last["refactor_error"]["8"] >= 0.0
