@@ -119,7 +119,7 @@ class RunConfig:
         "'builtin', a local .json/.jsonl/.csv file, or 'hf:<name>'", "instruction data",
     )
     partition: str = _key(
-        "partition", "pathological:2", _is_partition, "'iid', 'dirichlet:<alpha>' or 'pathological:<k>'",
+        "partition", "dirichlet:0.5", _is_partition, "'iid', 'dirichlet:<alpha>' or 'pathological:<k>'",
         "how training data is split across clients",
     )
     train_per_task: int = _key("train-per-task", 400, _positive, "an integer >= 1", "built-in suite: training examples per task")

@@ -24,6 +24,14 @@ def content_bytes(content: RecordDict) -> int:
     return recorddict_to_proto(content).ByteSize()
 
 
+def reply_metric(reply: Message, key: str) -> int | float | None:
+    """A number from a reply's metrics, or None if absent; judging replies is the strategy's job."""
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return None
+    value = reply.content.metric_records["metrics"].get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None]) -> list[Message]:
     """Push messages and collect replies as they arrive, until all are in or `timeout` passes."""
     pending = set(grid.push_messages(messages))
@@ -105,8 +113,9 @@ def run_rounds(
         def progress(reply: Message) -> None:
             nonlocal done
             done += 1
-            loss = "failed" if reply.has_error() else f"loss {float(reply.content['metrics']['train_loss']):.3f}"
-            log(INFO, "round %d/%d: client %d/%d done (%s)", server_round, rounds, done, len(messages), loss)
+            loss = reply_metric(reply, "train_loss")
+            status = "failed" if reply.has_error() else f"loss {loss:.3f}" if loss is not None else "no loss reported"
+            log(INFO, "round %d/%d: client %d/%d done (%s)", server_round, rounds, done, len(messages), status)
 
         replies = exchange(grid, messages, timeout, progress)
         upload = sum(content_bytes(r.content) for r in replies if not r.has_error())
@@ -118,8 +127,8 @@ def run_rounds(
             rejected=train_metrics["rejected"], rejected_reasons=strategy.rejected,
             upload_bytes=upload, download_bytes=download,
             refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
-            client_processes=sorted({(int(r.content["metrics"]["pid"]), int(r.content["metrics"]["model-builds"]))
-                                     for r in replies if not r.has_error()}),
+            client_processes=sorted({(reply_metric(r, "pid"), reply_metric(r, "model-builds")) for r in replies
+                                     if reply_metric(r, "pid") is not None and reply_metric(r, "model-builds") is not None}),
             round_seconds=time.perf_counter() - started,
         )
         checkpoint(recorder, strategy, arrays, server_round)
