@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
+from client import faults
 from client.worker import MODEL_BUILDS, worker_for
 from fedllm.config import RunConfig
 from fedllm.logs import quiet_third_party
@@ -79,5 +80,5 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(data), "train_loss": loss, "partition-id": node.partition_id,
         "lora-rank": node.rank, "pid": os.getpid(), "model-builds": MODEL_BUILDS[cfg.model],
     })
-    arrays = ArrayRecord(worker.factors(node.rank))
+    arrays, metrics = faults.apply(cfg, node.partition_id, ArrayRecord(worker.factors(node.rank)), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -18,7 +18,16 @@ from fedllm.server_optim import OPTIMIZERS, ServerOptimizer
 
 
 # Keys that may differ between a run and its resumption without changing its results.
-RESULT_NEUTRAL_KEYS = ("output-dir", "num-server-rounds", "resume", "resume-from", "round-timeout")
+RESULT_NEUTRAL_KEYS = (
+    "output-dir", "num-server-rounds", "resume", "resume-from", "round-timeout",
+    "fault-injection",  # a testing aid: a run that failed on injected faults may resume without them
+)
+
+# What `fault-injection` can make a partition's ClientApp do to its reply (see client/faults.py).
+FAULT_KINDS = (
+    "nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero", "examples-absurd", "metrics-type",
+    "crash", "hang",
+)
 
 
 class ConfigError(ValueError):
@@ -45,6 +54,31 @@ def _is_partition(value: str) -> bool:
         parse_partition(value)
     except ValueError:
         return False
+    return True
+
+
+def parse_faults(value: str) -> list[tuple[int, str]]:
+    """`fault-injection` as (partition-id, kind) pairs; `ConfigError` naming the bad entry."""
+    faults = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        partition, _, kind = (p.strip() for p in entry.partition(":"))
+        if not partition.isdigit() or not kind:
+            raise ConfigError(
+                f"run-config fault-injection entry {entry!r} is not '<partition-id>:<kind>' "
+                f"(e.g. '1:nan,2:shape'); kinds: {', '.join(FAULT_KINDS)}"
+            )
+        if kind not in FAULT_KINDS:
+            raise ConfigError(
+                f"run-config fault-injection entry {entry!r}: unknown kind {kind!r}; accepted kinds: {', '.join(FAULT_KINDS)}"
+            )
+        faults.append((int(partition), kind))
+    return faults
+
+
+def _is_fault_list(value: str) -> bool:
+    parse_faults(value)  # raises ConfigError with the details
     return True
 
 
@@ -130,6 +164,15 @@ class RunConfig:
     seed: int = _key("seed", 0, lambda v: v >= 0, "an integer >= 0", "seed of data, sampling and training")
     output_dir: str = _key("output-dir", "", lambda v: True, "a folder path, or '' for outputs/<timestamp>", "where results go")
     round_timeout: float = _key("round-timeout", 3600.0, _positive, "seconds > 0", "longest wait for a round's replies")
+    max_update_norm: float | None = _key(
+        "max-update-norm", None, _positive, "'' (off) or a number > 0",
+        "reject a client update whose model-space norm ‖τ_k‖ (L2 over all modules) exceeds this",
+    )
+    fault_injection: str = _key(
+        "fault-injection", "", _is_fault_list,
+        f"'' or comma-separated <partition-id>:<kind>, kind one of {', '.join(FAULT_KINDS)}",
+        "testing aid: the ClientApp of that partition corrupts its reply that way (e.g. '1:nan,2:shape')",
+    )
     resume: bool = _key(
         "resume", False, lambda v: True, "true or false",
         "continue the run in output-dir from its last completed round",
@@ -188,6 +231,10 @@ class RunConfig:
         """This partition's LoRA rank: `client-ranks` cycled over partitions, else `lora-rank`."""
         ranks = [int(p) for p in self.client_ranks.split(",") if p.strip()]
         return ranks[partition_id % len(ranks)] if ranks else self.lora_rank
+
+    def faults_for(self, partition_id: int) -> list[str]:
+        """The `fault-injection` kinds this partition's ClientApp applies to its reply, in order."""
+        return [kind for partition, kind in parse_faults(self.fault_injection) if partition == partition_id]
 
     def server_optimizer_settings(self) -> ServerOptimizer:
         return ServerOptimizer(

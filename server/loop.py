@@ -14,7 +14,8 @@ from flwr.serverapp import Grid
 from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
 from server.model import ServerModel
 from server.record import RunRecorder
-from server.strategy import ModelSpaceStrategy, NodeInfo
+from server.strategy import ModelSpaceStrategy
+from server.validation import NodeInfo
 
 POLL_SECONDS = 0.1
 
@@ -125,6 +126,7 @@ def run_rounds(
             server_round, per_task,
             train_loss=train_metrics["train_loss"], clients=train_metrics["clients"],
             rejected=train_metrics["rejected"], rejected_reasons=strategy.rejected,
+            timed_out=len(messages) - len(replies),
             upload_bytes=upload, download_bytes=download,
             refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
             client_processes=sorted({(reply_metric(r, "pid"), reply_metric(r, "model-builds")) for r in replies

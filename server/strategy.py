@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -20,21 +19,12 @@ from flwr.serverapp.strategy import Strategy
 from fedllm.adapters import Delta, Refactored, deltas_from_state, refactor
 from fedllm.config import RunConfig
 from fedllm.merge import RANDOMIZED, get_operator
+from server.validation import (
+    NodeInfo, ReplyRejected, check_examples, check_norm, check_rank, check_train_loss, checked_tensors,
+    error_summary, reply_records,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What a node told the server about itself in the start-up query."""
-
-    partition_id: int
-    rank: int
-    num_examples: int
-
-
-class ReplyRejected(ValueError):
-    """A client reply that must not enter the aggregate."""
 
 
 class ModelSpaceStrategy(Strategy):
@@ -58,6 +48,7 @@ class ModelSpaceStrategy(Strategy):
         self.sent: dict[int, Refactored] = {}  # rank -> factors sent to nodes of that rank this round
         self.sent_delta: dict[int, Delta] = {}
         self.rejected: list[str] = []
+        self.outbox: list[Message] = []  # this round's train messages (message ids are set when pushed)
         self.current: Delta = {}  # ΔW_g as of configure_train
 
     def zero_update(self, shapes: dict[str, torch.Size]) -> ArrayRecord:
@@ -88,31 +79,31 @@ class ModelSpaceStrategy(Strategy):
                 "config": ConfigRecord({**dict(config), "server-round": server_round}),
             })
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        self.outbox = messages  # to name the node of an error reply the SuperLink wrote for it
         return messages
 
     def client_update(self, reply: Message) -> tuple[Delta, float]:
-        """`τ_k` per module and the example count of one reply; `ReplyRejected` if malformed."""
-        node = reply.metadata.src_node_id
+        """`τ_k` per module and the example count of one reply; `ReplyRejected` naming the node and
+        the problem if anything is wrong with it (checked in this order: error reply, records,
+        metrics, tensors, example count, update norm)."""
+        node = self.reply_node(reply)
         if reply.has_error():
-            raise ReplyRejected(f"node {node} failed: {reply.error.reason}")
-        metrics = reply.content["metrics"]
-        rank = int(metrics["lora-rank"])
-        if rank not in self.sent:
-            raise ReplyRejected(f"node {node} replied with rank {rank}, but was sent rank(s) {sorted(self.sent)}")
-        state = reply.content["arrays"].to_torch_state_dict()
-        expected = self.sent[rank].state
-        if set(state) != set(expected):
-            raise ReplyRejected(f"node {node} sent tensors {sorted(set(state) ^ set(expected))[:3]} that differ from those sent")
-        for key, tensor in state.items():
-            if tensor.shape != expected[key].shape:
-                raise ReplyRejected(f"node {node}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
-            if not torch.isfinite(tensor).all():
-                raise ReplyRejected(f"node {node}: {key} contains NaN or Inf")
-        examples = float(metrics["num-examples"])
-        if not examples > 0:
-            raise ReplyRejected(f"node {node} reported {examples} examples; it must be > 0")
+            raise ReplyRejected(f"node {node} failed: {error_summary(reply.error.reason)}")
+        arrays, metrics = reply_records(node, reply.content)
+        check_train_loss(node, metrics)
+        rank = check_rank(node, metrics, sorted(self.sent))
+        state = checked_tensors(node, arrays, self.sent[rank].state)
+        examples = check_examples(node, metrics, self.nodes.get(node))
         after = deltas_from_state(state, self.cfg.lora_alpha / rank, self.layouts)
-        return {m: after[m] - self.sent_delta[rank][m] for m in after}, examples
+        tau = {m: after[m] - self.sent_delta[rank][m] for m in after}
+        check_norm(node, tau, self.cfg.max_update_norm)
+        return tau, float(examples)
+
+    def reply_node(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or, for an error the SuperLink wrote in the
+        node's place (e.g. 'Node Unavailable', sent from the SuperLink's own id), the node asked."""
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox if m.metadata.message_id}
+        return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def round_seed(self, server_round: int, module_index: int) -> dict[str, int]:
         """A fresh, reproducible seed per round and module for randomized operators (DARE, DELLA)."""

@@ -8,19 +8,14 @@ process started here is stopped by PID, with its children, in the fixtures' tear
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
 import ssl
 import stat
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,18 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedllm.cli import main as fedllm_main
 from tests.conftest import PROJECT
+from tests.deploy_support import Link, Processes, command, environment, flwr_json, wait_for
+from tests.deploy_support import read_metrics as metrics
 
 try:
     import tomllib
 except ImportError:  # Python 3.10: flwr depends on tomli
     import tomli as tomllib
 
-BIN = Path(sys.executable).parent
-OFFLINE = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
 CONNECTION = "deploy-tls"
 HOSTS = "localhost,127.0.0.1,::1"
 GOOD_NODES = 3  # node0..node2: registered and started correctly
@@ -48,107 +39,6 @@ UNREGISTERED_NODE = 4  # node4: never registered
 RUN_CONFIG = ("model='builtin:micro' num-server-rounds=2 local-steps=3 train-per-task=20 test-per-task=4 "
               "min-clients=3 round-timeout=120")
 NODE2_RANK = 4  # node 2 brings its own data file and adapter rank, as an institution would
-
-
-def command(name: str) -> str:
-    """An executable of this environment (else on PATH); skip when Flower's CLIs are absent."""
-    found = BIN / name
-    if found.exists():
-        return str(found)
-    other = shutil.which(name)
-    if other is None:
-        pytest.skip(f"`{name}` is not installed in this environment (pip install -e . installs flwr's CLIs)")
-    return other
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment(flwr_home: Path) -> dict[str, str]:
-    """Offline Flower settings, this environment's bin first (the SuperLink starts
-    `flower-superexec` by name), and a Flower home of the process's own."""
-    env = {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home)}
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    return env
-
-
-class Processes:
-    """Processes started by this module, with every descendant ever seen, stopped by PID."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.popen: dict[str, subprocess.Popen] = {}
-        self.seen: dict[int, psutil.Process] = {}
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.logs)
-        self.popen[name] = proc
-        self.track()
-        return proc
-
-    def track(self) -> None:
-        """Remember the children of every process we started (they may outlive their parent)."""
-        for proc in self.popen.values():
-            try:
-                root = psutil.Process(proc.pid)
-                for p in [root, *root.children(recursive=True)]:
-                    self.seen.setdefault(p.pid, p)
-            except psutil.NoSuchProcess:
-                pass
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        """Terminate everything (the psutil handles refuse a PID that was reused), then kill."""
-        self.track()
-        alive = [p for p in self.seen.values() if p.is_running()]
-        for p in alive:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, left = psutil.wait_procs(alive, timeout=10)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=5)
-        for proc in self.popen.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def wait_for(what: str, check, timeout: float, procs: Processes, interval: float = 0.5):
-    """Poll `check()` until it returns a truthy value; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        procs.track()
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([command("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=PROJECT)
-
-
-def flwr_json(env: dict[str, str], *args: str) -> dict:
-    done = flwr(env, *args, "--format", "json")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,25 +139,6 @@ def test_certs_bad_arguments_are_clear_errors(tmp_path, capsys, args, message):
 # A real deployment
 # --------------------------------------------------------------------------------------------
 
-
-class Link:
-    """A running TLS SuperLink with node authentication, and the CLI connection to it."""
-
-    def __init__(self, root: Path, procs: Processes) -> None:
-        self.root = root
-        self.procs = procs
-        self.certs = root / "certs"
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.cli_env = environment(root / "cli-home")
-
-    def supernode(self, name: str, *args: str, node_config: str, max_retries: int | None = None) -> subprocess.Popen:
-        """Start `flower-supernode` against this link, as an institution would (own Flower home)."""
-        argv = [command("flower-supernode"), "--superlink", self.address, "--port", str(free_port()), *args,
-                "--node-config", node_config]
-        if max_retries is not None:
-            argv += ["--max-retries", str(max_retries)]
-        return self.procs.start(name, argv, environment(self.root / f"{name}-home"))
 
 
 @pytest.fixture(scope="module")
@@ -386,9 +257,6 @@ def deployment(link):
         "own_data_lines": len(words),
     }
 
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_run_completes_with_three_authenticated_nodes(deployment):

@@ -1,0 +1,207 @@
+"""Real Flower processes for deployment tests: start, track, wait for and stop them by PID.
+
+Shared by tests/test_deploy.py (TLS + SuperNode authentication) and tests/test_faults.py
+(insecure localhost deployment with faults). Every process started through `Processes` is
+remembered with every descendant ever seen, and stopped by PID, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import PROJECT
+
+BIN = Path(sys.executable).parent
+OFFLINE = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+def command(name: str) -> str:
+    """An executable of this environment (else on PATH); skip when Flower's CLIs are absent."""
+    found = BIN / name
+    if found.exists():
+        return str(found)
+    other = shutil.which(name)
+    if other is None:
+        pytest.skip(f"`{name}` is not installed in this environment (pip install -e . installs flwr's CLIs)")
+    return other
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(flwr_home: Path) -> dict[str, str]:
+    """Offline Flower settings, this environment's bin first (the SuperLink starts
+    `flower-superexec` by name), and a Flower home of the process's own."""
+    env = {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home)}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+class Processes:
+    """Processes started by this module, with every descendant ever seen, stopped by PID."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.popen: dict[str, subprocess.Popen] = {}
+        self.seen: dict[int, psutil.Process] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=self.logs)
+        self.popen[name] = proc
+        self.track()
+        return proc
+
+    def track(self) -> None:
+        """Remember the children of every process we started (they may outlive their parent)."""
+        for proc in self.popen.values():
+            try:
+                root = psutil.Process(proc.pid)
+                for p in [root, *root.children(recursive=True)]:
+                    self.seen.setdefault(p.pid, p)
+            except psutil.NoSuchProcess:
+                pass
+
+    def kill_tree(self, name: str) -> list[int]:
+        """SIGKILL the process started as `name` and all its descendants now; their PIDs."""
+        self.track()
+        try:
+            root = psutil.Process(self.popen[name].pid)
+            victims = [*root.children(recursive=True), root]
+        except psutil.NoSuchProcess:
+            return []
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=10)
+        self.popen[name].wait(timeout=10)
+        return [p.pid for p in victims]
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        """Terminate everything (the psutil handles refuse a PID that was reused), then kill."""
+        self.track()
+        alive = [p for p in self.seen.values() if p.is_running()]
+        for p in alive:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, left = psutil.wait_procs(alive, timeout=10)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=5)
+        for proc in self.popen.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def wait_for(what: str, check, timeout: float, procs: Processes, interval: float = 0.5):
+    """Poll `check()` until it returns a truthy value; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.track()
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([command("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=PROJECT)
+
+
+def flwr_json(env: dict[str, str], *args: str) -> dict:
+    done = flwr(env, *args, "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+class Link:
+    """A running SuperLink (TLS with node authentication, or insecure), and the CLI connection to it."""
+
+    def __init__(self, root: Path, procs: Processes) -> None:
+        self.root = root
+        self.procs = procs
+        self.certs = root / "certs"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.cli_env = environment(root / "cli-home")
+
+    def supernode(self, name: str, *args: str, node_config: str, max_retries: int | None = None) -> subprocess.Popen:
+        """Start `flower-supernode` against this link, as an institution would (own Flower home)."""
+        argv = [command("flower-supernode"), "--superlink", self.address, "--port", str(free_port()), *args,
+                "--node-config", node_config]
+        if max_retries is not None:
+            argv += ["--max-retries", str(max_retries)]
+        return self.procs.start(name, argv, environment(self.root / f"{name}-home"))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+
+def start_insecure_link(root: Path, procs: Processes, connection: str) -> Link:
+    """An insecure (plain HTTP) SuperLink on localhost, healthy, with a CLI connection `connection`.
+
+    For localhost tests only; deployments use TLS with SuperNode authentication (docs/deploy.md).
+    """
+    link = Link(root, procs)
+    superlink = procs.start("superlink", [
+        command("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link.port),
+        "--database", str(root / "state.db"), "--disable-runtime-dependency-installation",
+    ], environment(root / "superlink-home"))
+
+    def healthy() -> bool:
+        if superlink.poll() is not None:
+            pytest.fail(f"flower-superlink exited with {superlink.returncode}:\n{procs.log('superlink')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{link.address}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    wait_for("the insecure SuperLink's /health", healthy, 60, procs)
+    (root / "cli-home" / "config.toml").write_text(
+        f'[superlink.{connection}]\naddress = "{link.address}"\ninsecure = true\n'
+    )
+    return link
+
+
+def online_nodes(link: Link, connection: str) -> int:
+    """How many SuperNodes the SuperLink lists as online."""
+    nodes = flwr_json(link.cli_env, "supernode", "ls", connection)["nodes"]
+    return sum(n["status"] == "online" for n in nodes)

@@ -1,0 +1,306 @@
+"""Bad client replies and faults: validation before aggregation, injected faults in real runs.
+
+The ClientApp corrupts its reply on purpose when `fault-injection` names its partition
+(client/faults.py); the server must reject each bad reply with a reason naming the node and the
+problem, go on with the good ones, fail cleanly (and resumably) when too few are left, and keep
+running when a SuperNode dies and comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.faults import InjectedFault, inject
+from fedllm.adapters import deltas_from_state, factor_key, refactor
+from fedllm.config import FAULT_KINDS, ConfigError, RunConfig
+from fedllm.launch import RunFailed, run_simulation
+from server.strategy import ModelSpaceStrategy
+from server.validation import NodeInfo, ReplyRejected
+from tests.conftest import PROJECT
+from tests.deploy_support import Processes, command, online_nodes, read_metrics, start_insecure_link, wait_for
+
+# --------------------------------------------------------------------------------------------
+# The run-config keys
+# --------------------------------------------------------------------------------------------
+
+
+def test_fault_injection_is_parsed_per_partition():
+    cfg = RunConfig.from_flower({"fault-injection": " 1:nan, 2:shape,1:dtype "})
+    assert cfg.faults_for(1) == ["nan", "dtype"] and cfg.faults_for(2) == ["shape"] and cfg.faults_for(0) == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1:bogus", r"entry '1:bogus': unknown kind 'bogus'; accepted kinds: nan, shape, missing"),
+    ("nan", r"entry 'nan' is not '<partition-id>:<kind>'"),
+    ("x:nan", r"entry 'x:nan' is not '<partition-id>:<kind>'"),
+    ("-1:nan", r"entry '-1:nan' is not '<partition-id>:<kind>'"),
+])
+def test_a_bad_fault_injection_names_the_entry_and_the_kinds(value, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        RunConfig.from_flower({"fault-injection": value})
+    assert "examples-absurd" in str(error.value) and "hang" in str(error.value)
+
+
+def test_max_update_norm_is_optional_and_positive():
+    assert RunConfig.from_flower({"max-update-norm": ""}).max_update_norm is None
+    assert RunConfig.from_flower({"max-update-norm": 5}).max_update_norm == 5.0
+    with pytest.raises(ConfigError, match=r"max-update-norm = -1 .* expected '' \(off\) or a number > 0"):
+        RunConfig.from_flower({"max-update-norm": -1})
+
+
+def test_fault_injection_does_not_change_the_digest_but_max_update_norm_does():
+    base = RunConfig.from_flower({})
+    assert base.digest() == RunConfig.from_flower({"fault-injection": "0:nan"}).digest()
+    assert base.digest() != RunConfig.from_flower({"max-update-norm": 10.0}).digest()
+
+
+# --------------------------------------------------------------------------------------------
+# What each fault does to a reply, and how the server's checks answer it (no Flower run needed:
+# records can be built anywhere; a reply is duck-typed, since a Message needs a running run)
+# --------------------------------------------------------------------------------------------
+
+MODULE, RANK, ALPHA, NODE = "layer", 2, 4.0, 17
+LAYOUTS = {MODULE: False}
+
+
+def good_records() -> tuple[ArrayRecord, MetricRecord]:
+    generator = torch.Generator().manual_seed(0)
+    arrays = ArrayRecord({
+        factor_key(MODULE, "A"): torch.randn(RANK, 6, generator=generator),
+        factor_key(MODULE, "B"): torch.randn(4, RANK, generator=generator) * 0.01,
+    })
+    metrics = MetricRecord({"num-examples": 40, "train_loss": 0.5, "partition-id": 0, "lora-rank": RANK,
+                            "pid": 1, "model-builds": 1})
+    return arrays, metrics
+
+
+def strategy(**overrides) -> ModelSpaceStrategy:
+    cfg = RunConfig.from_flower({"lora-alpha": ALPHA, "max-update-norm": 100.0, **overrides})
+    s = ModelSpaceStrategy(cfg, LAYOUTS)
+    s.sent = {RANK: refactor({MODULE: torch.zeros(4, 6)}, RANK, ALPHA / RANK, LAYOUTS, seed=0)}
+    s.sent_delta = {RANK: deltas_from_state(s.sent[RANK].state, ALPHA / RANK, LAYOUTS)}
+    s.nodes = {NODE: NodeInfo(partition_id=0, rank=RANK, num_examples=40)}
+    return s
+
+
+def reply(content: RecordDict | None = None, error: str | None = None, node: int = NODE) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=""), content=content,
+                           error=SimpleNamespace(reason=error), has_error=lambda: error is not None)
+
+
+def faulty(kind: str) -> RecordDict:
+    arrays, metrics = inject(kind, *good_records())
+    return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+def test_a_good_reply_gives_its_model_space_update():
+    arrays, metrics = good_records()
+    tau, examples = strategy().client_update(reply(RecordDict({"arrays": arrays, "metrics": metrics})))
+    state = arrays.to_torch_state_dict()
+    expected = (ALPHA / RANK) * state[factor_key(MODULE, "B")] @ state[factor_key(MODULE, "A")]
+    assert examples == 40.0 and torch.allclose(tau[MODULE], expected - strategy().sent_delta[RANK][MODULE])
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("nan", rf"node {NODE}: .*lora_A.weight contains 1 NaN and 0 Inf"),
+    ("shape", r"has shape \(1, 6\), expected \(2, 6\)"),
+    ("missing", r"1 missing tensor\(s\) \['base_model.model.layer.lora_B.weight'\] compared with the 2 sent"),
+    ("extra", r"1 extra tensor\(s\) \['injected.extra.weight'\]"),
+    ("dtype", r"has dtype float64; the server sent float32 and accepts float32 only"),
+    ("norm", r"model-space update norm .* exceeds max-update-norm 100"),
+    ("examples-zero", rf"node {NODE} reported 0 training examples; it must be > 0"),
+    ("examples-absurd", r"absurd 1000000000000 training examples, more than the 40 it reported at start-up"),
+    ("metrics-type", r"train_loss is str '0.5', expected a finite real number"),
+])
+def test_each_injected_fault_is_rejected_with_its_reason(kind, reason):
+    with pytest.raises(ReplyRejected, match=reason):
+        strategy().client_update(reply(faulty(kind)))
+
+
+def test_crash_raises_and_hang_sleeps():
+    with pytest.raises(InjectedFault, match="crash"):
+        inject("crash", *good_records())
+    started = time.monotonic()
+    arrays, metrics = inject("hang", *good_records(), hang_seconds=0.2)
+    assert time.monotonic() - started >= 0.2 and metrics["train_loss"] == 0.5
+    assert set(FAULT_KINDS) == {"nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero",
+                                "examples-absurd", "metrics-type", "crash", "hang"}
+
+
+def edited(metrics: dict | None = None, arrays: dict | None = None, drop: str | None = None) -> RecordDict:
+    good_arrays, good_metrics = good_records()
+    records = {"arrays": ArrayRecord({**good_arrays.to_torch_state_dict(), **(arrays or {})}),
+               "metrics": ConfigRecord({**dict(good_metrics), **(metrics or {})})}
+    records.pop(drop, None)
+    return RecordDict(records)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (edited(drop="arrays"), r"reply has no 'arrays' record \(it has \['metrics'\]\)"),
+    (edited(drop="metrics"), r"reply has no 'metrics' record"),
+    (RecordDict({"arrays": good_records()[0], "metrics": good_records()[0]}), r"'metrics' record is an ArrayRecord, expected a MetricRecord"),
+    (edited({"train_loss": math.inf}), r"train_loss is float inf, expected a finite real number"),
+    (edited({"train_loss": [0.1, 0.2]}), r"train_loss is list"),
+    (edited({"lora-rank": 2.0}), r"lora-rank is float 2.0, expected a positive int"),
+    (edited({"lora-rank": 0}), r"lora-rank is int 0, expected a positive int"),
+    (edited({"lora-rank": 4}), r"replied with rank 4, but was sent rank\(s\) \[2\]"),
+    (edited({"num-examples": 12.5}), r"num-examples is float 12.5, expected a positive integer"),
+    (edited({"num-examples": -3}), r"reported -3 training examples; it must be > 0"),
+    (edited(arrays={factor_key(MODULE, "B"): torch.full((4, RANK), math.inf)}), r"contains 0 NaN and 8 Inf"),
+    (edited(arrays={factor_key(MODULE, "B"): torch.full((4, RANK), 1e30),
+                    factor_key(MODULE, "A"): torch.full((RANK, 6), 1e30)}), r"norm is not finite"),
+])
+def test_other_bad_replies_are_rejected_with_their_reason(content, reason):
+    with pytest.raises(ReplyRejected, match=reason):
+        strategy().client_update(reply(content))
+
+
+def test_error_replies_and_unknown_nodes():
+    with pytest.raises(ReplyRejected, match=rf"node {NODE} failed: boom"):
+        strategy().client_update(reply(error="boom"))
+    # a node missing from the start-up table may not claim more than 10^9 examples
+    stranger = strategy()
+    assert stranger.client_update(reply(edited({"num-examples": 10**6}), node=99))[1] == 1e6
+    with pytest.raises(ReplyRejected, match=r"node 99 reported an absurd 1000000001 training examples"):
+        stranger.client_update(reply(edited({"num-examples": 10**9 + 1}), node=99))
+    # without max-update-norm the norm is not bounded (only required to be finite)
+    assert strategy(**{"max-update-norm": ""}).client_update(reply(faulty("norm")))[1] == 40.0
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation: every bad-reply kind on its own partition, in a real `flwr run`
+# --------------------------------------------------------------------------------------------
+
+BAD = ("nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero", "examples-absurd", "metrics-type", "crash")
+GOOD = 2
+REASONS = {  # fault kind -> what its rejection reason says
+    "nan": r"contains \d+ NaN", "shape": r"has shape", "missing": r"\d+ missing tensor", "extra": r"\d+ extra tensor",
+    "dtype": r"has dtype float64", "norm": r"update norm .* exceeds max-update-norm",
+    "examples-zero": r"reported 0 training examples", "examples-absurd": r"absurd \d+ training examples",
+    "metrics-type": r"train_loss is str", "crash": r"failed: .*injected fault 'crash'",
+}
+SMALL = ("model='builtin:micro' local-steps=2 batch-size=8 train-per-task=24 test-per-task=4 partition='iid' "
+         "min-clients=2 fraction-train=1.0 seed=3")
+
+
+def test_every_bad_reply_is_rejected_and_the_rounds_go_on(flower_env, tmp_path):
+    faults = ",".join(f"{partition}:{kind}" for partition, kind in enumerate(BAD))
+    out = run_simulation(PROJECT, f"{SMALL} num-server-rounds=2 max-update-norm=100 fault-injection='{faults}'",
+                         clients=len(BAD) + GOOD, output_dir=tmp_path)
+    assert (out / "summary.json").exists()
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"] == GOOD and row["rejected"] == len(BAD), row
+        reasons = row["rejected_reasons"]
+        assert len(reasons) == len(BAD)
+        for kind, pattern in REASONS.items():
+            matching = [r for r in reasons if re.search(pattern, r)]
+            assert len(matching) == 1, (kind, reasons)
+        assert all(r.startswith("node ") for r in reasons)
+        assert math.isfinite(row["train_loss"]) and row["train_loss"] < 100
+
+
+def test_too_few_good_replies_fail_the_round_and_the_run_resumes_without_the_faults(flower_env, tmp_path, capfd):
+    settings = f"{SMALL} num-server-rounds=2"
+    with pytest.raises(RunFailed):
+        run_simulation(PROJECT, f"{settings} fault-injection='0:nan,1:crash'", clients=3, output_dir=tmp_path)
+    log = capfd.readouterr().out
+    assert "round 1: only 1 valid replies (min-clients = 2)" in log, log[-3000:]
+    assert "contains 1 NaN" in log and "failed" in log
+    failed_rows = read_metrics(tmp_path)
+    assert [r["round"] for r in failed_rows] == [0]  # round 0 was checkpointed, round 1 was not completed
+
+    run_simulation(PROJECT, f"{settings} resume=true", clients=3, output_dir=tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0] == failed_rows[0]  # restored from the checkpoint, not recomputed
+    assert all(r["clients"] == 3 and r["rejected"] == 0 for r in rows[1:]), rows
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["config"]["fault-injection"] == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Deployment: a SuperNode dies mid-run and comes back (real processes on localhost, insecure)
+# --------------------------------------------------------------------------------------------
+
+CONNECTION = "deploy-faults"
+NODES = 3
+ROUNDS = 6
+DEPLOY_CONFIG = ("model='builtin:micro' local-steps=2 batch-size=8 train-per-task=20 test-per-task=4 partition='iid' "
+                 f"min-clients=2 round-timeout=45 num-server-rounds={ROUNDS}")
+
+
+@pytest.fixture
+def procs(tmp_path):
+    (tmp_path / "logs").mkdir()
+    processes = Processes(tmp_path / "logs")
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+def test_a_killed_supernode_is_dropped_and_rejoins_when_restarted(procs, tmp_path):
+    link = start_insecure_link(tmp_path, procs, CONNECTION)
+    node_config = [f"partition-id={i} num-partitions={NODES}" for i in range(NODES)]
+    for i in range(NODES):
+        link.supernode(f"node{i}", "--insecure", node_config=node_config[i])
+    wait_for("three SuperNodes online", lambda: online_nodes(link, CONNECTION) >= NODES, 90, procs, interval=1)
+
+    out = tmp_path / "out"
+    with open(tmp_path / "logs" / "run.log", "wb") as log:
+        run = subprocess.Popen(
+            [command("flwr"), "run", str(PROJECT), CONNECTION, "--stream",
+             "--run-config", f"{DEPLOY_CONFIG} output-dir='{out}'"],
+            env=link.cli_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT,
+        )
+    procs.popen["flwr-run"] = run
+
+    def rows() -> list[dict]:
+        path = out / "metrics.jsonl"
+        return read_metrics(out) if path.exists() else []
+
+    def rows_where(condition):
+        def check():
+            if run.poll() is not None and not any(condition(r) for r in rows()):
+                pytest.fail(f"flwr run ended early:\n{procs.log('run')[-4000:]}")
+            return [r for r in rows() if condition(r)]
+        return check
+
+    wait_for("round 1 with all three nodes", rows_where(lambda r: r["round"] >= 1), 180, procs)
+    killed_after = rows()[-1]["round"]
+    assert procs.kill_tree("node2"), "node2 should have been running"
+    dropped = wait_for("a round without the killed node",
+                       rows_where(lambda r: r["round"] > killed_after and r["clients"] == 2), 120, procs)[0]
+    link.supernode("node2-restarted", "--insecure", node_config=node_config[2])
+    restarted_during = rows()[-1]["round"]
+    try:
+        run.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish within 300 s:\n{procs.log('run')[-4000:]}")
+
+    assert (out / "summary.json").exists(), procs.log("run")[-4000:]
+    final = read_metrics(out)
+    assert [r["round"] for r in final] == list(range(ROUNDS + 1))
+    assert all(r["clients"] == NODES for r in final[1:killed_after + 1]), final
+    assert dropped["clients"] == 2 and dropped["train_loss"] is not None
+    assert dropped["timed_out"] + dropped["rejected"] == 1, "the lost node is accounted for"
+    later = [r for r in final if r["round"] > restarted_during]
+    assert any(r["clients"] == NODES for r in later), [(r["round"], r["clients"]) for r in final]
+    # a SuperLink-written error ('Node Unavailable') names the node it stands for, not the SuperLink (id 1)
+    reasons = [reason for r in final for reason in r.get("rejected_reasons", [])]
+    assert not any(reason.startswith("node 1 ") for reason in reasons), reasons
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == ROUNDS
+    # the restarted SuperNode registers anew: partition 2 shows up again under its new node id
+    assert [n["partition_id"] for n in summary["nodes"]].count(2) >= 1
