@@ -105,6 +105,13 @@ class ModelSpaceStrategy(Strategy):
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox if m.metadata.message_id}
         return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
+    def reply_order(self, reply: Message) -> tuple[int, int]:
+        """Aggregation order: by partition, then node id; never arrival order, which varies
+        with timing and would change the float rounding of every sum (and so the run)."""
+        node = self.reply_node(reply)
+        info = self.nodes.get(node)
+        return (info.partition_id if info else -1, node)
+
     def round_seed(self, server_round: int, module_index: int) -> dict[str, int]:
         """A fresh, reproducible seed per round and module for randomized operators (DARE, DELLA)."""
         if self.cfg.aggregation not in RANDOMIZED:
@@ -128,7 +135,7 @@ class ModelSpaceStrategy(Strategy):
         fail the round (the run can then resume from its last completed round).
         """
         updates, weights, losses, self.rejected = [], [], [], []
-        for reply in replies:
+        for reply in sorted(replies, key=self.reply_order):
             try:
                 tau, examples = self.client_update(reply)
             except ReplyRejected as reason:

@@ -304,3 +304,24 @@ def test_a_killed_supernode_is_dropped_and_rejoins_when_restarted(procs, tmp_pat
     assert summary["rounds"] == ROUNDS
     # the restarted SuperNode registers anew: partition 2 shows up again under its new node id
     assert [n["partition_id"] for n in summary["nodes"]].count(2) >= 1
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive():
+    """Replies arrive in timing-dependent order; the merged update must be bitwise the same."""
+    import itertools
+
+    base = strategy()
+    base.current = {MODULE: torch.zeros(4, 6)}
+    base.nodes = {node: NodeInfo(partition_id=node - 20, rank=RANK, num_examples=40) for node in (20, 21, 22, 23)}
+    replies = []
+    for node in (20, 21, 22, 23):
+        generator = torch.Generator().manual_seed(node)
+        arrays = ArrayRecord({
+            factor_key(MODULE, "A"): torch.randn(RANK, 6, generator=generator),
+            factor_key(MODULE, "B"): torch.randn(4, RANK, generator=generator) * 0.37,
+        })
+        metrics = MetricRecord({"num-examples": 10 + node, "train_loss": 0.5, "lora-rank": RANK})
+        replies.append(reply(RecordDict({"arrays": arrays, "metrics": metrics}), node=node))
+    results = [base.aggregate_train(1, list(order))[0].to_torch_state_dict()[MODULE]
+               for order in itertools.permutations(replies)]
+    assert all(torch.equal(results[0], other) for other in results[1:])
