@@ -56,6 +56,28 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedllm.study import execute, load_study, write_report, write_results
+
+    study_file = Path(args.study)
+    try:
+        study = load_study(study_file)
+    except ConfigError as error:
+        print(f"fedllm study: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("outputs") / f"study-{study_file.stem}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    app = Path(args.app) if args.app else project_dir()
+    rows = execute(study, out, lambda run_config, clients, folder: run_simulation(app, run_config, clients, folder))
+    write_results(rows, out)
+    report = write_report(study_file, study, rows, out)
+    print(report.read_text())
+    failed = [r["run"] for r in rows if str(r["status"]).startswith("failed")]
+    if failed:
+        print(f"fedllm study: {len(failed)} of {len(rows)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedllm", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -67,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated client (default %(default)s)")
     run.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running afterwards")
     run.set_defaults(handler=cmd_run)
+    study = commands.add_parser("study", help="run every setting of a study file; write results.csv, report.md, plots")
+    study.add_argument("study", help="a study TOML file: clients, [base], [grid], [[runs]]")
+    study.add_argument("--out", default="", help="study folder (default outputs/study-<name>); reruns skip finished runs")
+    study.add_argument("--app", default="", help="Flower app folder (default: this checkout)")
+    study.set_defaults(handler=cmd_study)
     certs = commands.add_parser("certs", help="create a CA, the SuperLink's TLS certificate and SuperNode auth keys")
     certs.add_argument("--out", required=True, help="folder to write into (ca.crt, server.pem, nodes/node<i>, ...)")
     certs.add_argument("--hosts", required=True,

@@ -43,21 +43,30 @@ def superlink_pids() -> set[int]:
     }
 
 
-def stop_tree(pid: int) -> None:
-    """Terminate a process and its children, then kill what is left after 5 s."""
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
+def stop_processes(procs: list[psutil.Process], grace: float = 5.0) -> None:
+    """Terminate the processes, wait up to `grace` seconds, then kill what is left."""
     for proc in procs:
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
-        proc.kill()
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def stop_tree(pid: int) -> None:
+    """Stop a process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    stop_processes(procs)
 
 
 def reap_orphaned_ray(since: float) -> None:

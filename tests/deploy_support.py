@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+from fedllm.launch import stop_processes
 import pytest
 
 from tests.conftest import PROJECT
@@ -105,19 +107,7 @@ class Processes:
     def stop_all(self) -> None:
         """Terminate everything (the psutil handles refuse a PID that was reused), then kill."""
         self.track()
-        alive = [p for p in self.seen.values() if p.is_running()]
-        for p in alive:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, left = psutil.wait_procs(alive, timeout=10)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=5)
+        stop_processes([p for p in self.seen.values() if p.is_running()], grace=10)
         for proc in self.popen.values():
             try:
                 proc.wait(timeout=5)

@@ -1,0 +1,208 @@
+"""Studies: many federated runs from one TOML file, with a table, a report and plots.
+
+A study file has `clients` (simulated nodes per run, default 6), a `[base]` table of run-config
+keys, a `[grid]` table of key = list of values whose cross product is run (`seed` is a key like
+any other), and optionally `[[runs]]`, explicit override tables run on top of `[base]`. Every run
+gets its own folder under `<out>/runs/`; a run whose `summary.json` exists is skipped, so an
+interrupted study continues where it stopped. A run that fails is reported and the study goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a study: its folder name and its run-config overrides."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class Study:
+    clients: int
+    base: dict[str, Any]
+    runs: list[PlannedRun]
+    varying: list[str] = field(default_factory=list)  # keys that differ between runs (table columns)
+
+
+def _value_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def run_config_text(overrides: dict[str, Any]) -> str:
+    """The `--run-config` string for a dict of overrides."""
+    return " ".join(f"{key}={_value_text(value)}" for key, value in overrides.items())
+
+
+def _slug(overrides: dict[str, Any], keys: list[str]) -> str:
+    parts = [f"{key}={overrides[key]}" for key in keys if key in overrides]
+    text = ",".join(parts) or "base"
+    return "".join(c if c.isalnum() or c in "=,.-_" else "_" for c in text)
+
+
+def load_study(path: Path) -> Study:
+    """Read and check a study file; unknown run-config keys and bad shapes are `ConfigError`s."""
+    try:
+        spec = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"study file {path}: {error}") from None
+    unknown = set(spec) - {"clients", "base", "grid", "runs"}
+    if unknown:
+        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, [base], [grid], [[runs]]")
+    base, grid, extra = spec.get("base", {}), spec.get("grid", {}), spec.get("runs", [])
+    clients = spec.get("clients", 6)
+    if not isinstance(clients, int) or clients < 1:
+        raise ConfigError(f"study file {path}: clients = {clients!r}; expected an integer >= 1")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"study file {path}: [grid] {key} must be a non-empty list of values")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    settings = [{**base, **combo} for combo in combos] + [{**base, **run} for run in extra]
+    for overrides in settings:
+        RunConfig.check_keys(overrides)
+        RunConfig.from_flower(overrides)
+    varying = sorted({k for s in settings for k in s if any(s.get(k) != t.get(k) for t in settings)})
+    names = [_slug(s, varying) for s in settings]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"study file {path}: two runs have identical settings")
+    return Study(clients, base, [PlannedRun(n, s) for n, s in zip(names, settings)], varying)
+
+
+def execute(study: Study, out: Path, run: Callable[[str, int, Path], None]) -> list[dict[str, Any]]:
+    """Run (or skip, if complete) every planned run; returns one result row per run.
+
+    `run(run_config, clients, folder)` performs a run and raises on failure; in production it is
+    `fedllm.launch.run_simulation` bound to the app folder.
+    """
+    rows = []
+    for planned in study.runs:
+        folder = out / "runs" / planned.name
+        status = "skipped (complete)" if _completed(folder, planned) else "ran"
+        if status == "ran":
+            try:
+                run(run_config_text(planned.overrides), study.clients, folder)
+            except Exception as error:  # noqa: BLE001 - a failed run is reported, the study goes on
+                rows.append({"run": planned.name, "status": f"failed: {error}", **planned.overrides})
+                continue
+        rows.append({"run": planned.name, "status": status, **planned.overrides, **_summary_fields(folder)})
+    return rows
+
+
+def _completed(folder: Path, planned: PlannedRun) -> bool:
+    """Whether `folder` holds a finished run of exactly these settings (else it must be run)."""
+    path = folder / "summary.json"
+    if not path.exists():
+        return False
+    ran = json.loads(path.read_text())["config"]
+    differing = [k for k, v in planned.overrides.items() if ran.get(k) != v]
+    if differing:
+        raise ConfigError(
+            f"{folder} holds a finished run with other settings ({', '.join(differing)}); "
+            "use another --out for a changed study"
+        )
+    return True
+
+
+def _summary_fields(folder: Path) -> dict[str, Any]:
+    summary = json.loads((folder / "summary.json").read_text())
+    fields = {
+        "final_accuracy": summary["final_accuracy"], "base_accuracy": summary["base_accuracy"],
+        "upload_bytes": summary["upload_bytes"], "download_bytes": summary["download_bytes"],
+        "wall_seconds": round(summary["wall_seconds"], 1),
+        **{f"acc_{task}": acc for task, acc in summary["per_task_accuracy"].items()},
+    }
+    if "epsilon" in summary:
+        fields["epsilon"] = summary["epsilon"]
+    return fields
+
+
+def write_results(rows: list[dict[str, Any]], out: Path) -> Path:
+    """`results.csv`: one row per run, every column any row has."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = out / "results.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
+    """Markdown: mean ± std of final accuracy over seeds for each setting."""
+    keys = [k for k in varying if k != "seed"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "final_accuracy" in row:
+            groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    lines = ["| " + " | ".join(keys + ["seeds", "final accuracy (mean ± std)"]) + " |",
+             "|" + "---|" * (len(keys) + 2)]
+    ranked = sorted(groups.items(), key=lambda item: -statistics.fmean(r["final_accuracy"] for r in item[1]))
+    for setting, members in ranked:
+        accs = [r["final_accuracy"] for r in members]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append("| " + " | ".join(f"`{v}`" for v in setting) + f" | {len(accs)} | {statistics.fmean(accs):.3f} ± {spread:.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(study_file: Path, study: Study, rows: list[dict[str, Any]], out: Path) -> Path:
+    failed = [r for r in rows if str(r["status"]).startswith("failed")]
+    text = [f"# Study `{study_file.name}`", "",
+            f"`fedllm study {study_file} --out {out}`: {len(rows)} runs, {study.clients} simulated clients each, "
+            f"base settings `{run_config_text(study.base) or 'defaults'}`.", "",
+            settings_table(rows, study.varying), ""]
+    if failed:
+        text += ["## Failed runs", ""] + [f"- `{r['run']}`: {r['status']}" for r in failed] + [""]
+    text += ["![accuracy per round](accuracy_per_round.png)", "", "![accuracy against upload](accuracy_vs_upload.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    plot_study(rows, study, out)
+    return path
+
+
+def plot_study(rows: list[dict[str, Any]], study: Study, out: Path) -> None:
+    """Mean accuracy per round per setting, and final accuracy against cumulative upload bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in study.varying if k != "seed"]
+    curves: dict[str, list[list[float]]] = {}
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if "final_accuracy" not in row:
+            continue
+        label = ", ".join(f"{k}={row.get(k)}" for k in keys) or "base"
+        metrics = [json.loads(line) for line in (out / "runs" / row["run"] / "metrics.jsonl").read_text().splitlines()]
+        curves.setdefault(label, []).append([m["accuracy"] for m in metrics])
+        points.setdefault(label, []).append((row["upload_bytes"], row["final_accuracy"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, runs in sorted(curves.items()):
+        length = min(map(len, runs))
+        ax.plot(range(length), [statistics.fmean(r[i] for r in runs) for i in range(length)], label=label)
+    ax.set(xlabel="round", ylabel="mean accuracy (over seeds)", title="server model per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_round.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(points.items()):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=label)
+    ax.set(xlabel="upload bytes (whole run)", ylabel="final accuracy", xscale="log", title="accuracy against upload")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_upload.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""The study runner: every planned run, failures reported, reruns skip finished runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from fedllm.cli import main as fedllm_main
+from fedllm.config import ConfigError
+from fedllm.study import load_study
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_grid_and_runs_expand_to_named_runs(tmp_path):
+    study = load_study(write(tmp_path / "s.toml", """
+clients = 3
+[base]
+num-server-rounds = 2
+[grid]
+lora-rank = [2, 4]
+seed = [0, 1, 2]
+[[runs]]
+aggregation = "ties"
+"""))
+    assert study.clients == 3 and len(study.runs) == 2 * 3 + 1
+    assert study.varying == ["aggregation", "lora-rank", "seed"]
+    assert study.runs[0].overrides == {"num-server-rounds": 2, "lora-rank": 2, "seed": 0}
+    assert study.runs[-1].overrides == {"num-server-rounds": 2, "aggregation": "ties"}
+    assert len({r.name for r in study.runs}) == len(study.runs)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[base]\nlora-rnak = 2", "unknown run-config key 'lora-rnak'"),
+    ("[grid]\nseed = 3", r"\[grid\] seed must be a non-empty list"),
+    ("[grd]\nseed = [1]", "unknown table"),
+    ("clients = 0", "clients = 0; expected an integer >= 1"),
+    ("[grid]\nlearning-rate = [0.1, -1.0]", "learning-rate = -1.0 is not accepted"),
+])
+def test_bad_study_files_name_the_problem(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(write(tmp_path / "bad.toml", text))
+
+
+def test_a_tiny_study_runs_reports_and_resumes(flower_env, tmp_path, capsys):
+    study_file = write(tmp_path / "tiny.toml", """
+clients = 2
+[base]
+model = "builtin:micro"
+num-server-rounds = 1
+local-steps = 1
+train-per-task = 8
+test-per-task = 2
+partition = "iid"
+[grid]
+lora-rank = [2, 4]
+seed = [0, 1]
+[[runs]]
+model = "builtin:nonexistent"
+""")
+    out = tmp_path / "out"
+    assert fedllm_main(["study", str(study_file), "--out", str(out)]) == 1, "one run fails, so the study says so"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 5
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    assert len(failed) == 1 and "unknown builtin" in failed[0]["status"]
+
+    summaries = {r["run"]: json.loads((out / "runs" / r["run"] / "summary.json").read_text()) for r in rows if r not in failed}
+    report = (out / "report.md").read_text()
+    for rank in (2, 4):
+        accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["lora-rank"] == rank]
+        assert len(accs) == 2
+        assert f"| 2 | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in report
+    assert "## Failed runs" in report and (out / "accuracy_per_round.png").exists()
+
+    stamps = {name: (out / "runs" / name / "summary.json").stat().st_mtime_ns for name in summaries}
+    capsys.readouterr()
+    fedllm_main(["study", str(study_file), "--out", str(out)])
+    rerun = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["status"] for r in rerun if r["run"] in summaries) == ["skipped (complete)"] * 4
+    assert all((out / "runs" / n / "summary.json").stat().st_mtime_ns == t for n, t in stamps.items())
