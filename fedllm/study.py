@@ -141,19 +141,22 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
-    """Markdown: mean ± std of final accuracy over seeds for each setting."""
+    """Markdown: per setting, mean ± std of final accuracy over seeds, and mean per-task accuracy."""
     keys = [k for k in varying if k != "seed"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if "final_accuracy" in row:
             groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
-    lines = ["| " + " | ".join(keys + ["seeds", "final accuracy (mean ± std)"]) + " |",
-             "|" + "---|" * (len(keys) + 2)]
+    tasks = list(dict.fromkeys(k for row in rows for k in row if k.startswith("acc_")))
+    header = keys + ["seeds", "final accuracy (mean ± std)"] + [t[len("acc_"):] for t in tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ranked = sorted(groups.items(), key=lambda item: -statistics.fmean(r["final_accuracy"] for r in item[1]))
     for setting, members in ranked:
         accs = [r["final_accuracy"] for r in members]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append("| " + " | ".join(f"`{v}`" for v in setting) + f" | {len(accs)} | {statistics.fmean(accs):.3f} ± {spread:.3f} |")
+        per_task = [f"{statistics.fmean(r[t] for r in members):.2f}" for t in tasks]
+        cells = [f"`{v}`" for v in setting] + [str(len(accs)), f"{statistics.fmean(accs):.3f} ± {spread:.3f}"] + per_task
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
