@@ -58,7 +58,6 @@ class BuiltinSpec:
 
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     "tiny": BuiltinSpec(),
-    "tiny-8l": BuiltinSpec(num_layers=8, pretrain_steps=1500),
     # seconds to build; for smoke tests of the plumbing, not for accuracy
     "micro": BuiltinSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, pretrain_steps=20, batch_size=16),
 }
