@@ -11,6 +11,7 @@ from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from fedllm.adapters import Delta
 from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
 from server.model import ServerModel
 from server.record import RunRecorder
@@ -91,11 +92,13 @@ def run_rounds(
     refresh_nodes(grid, strategy, timeout, wait=True)
     if resumed is None:
         arrays = strategy.zero_update(server.shapes())
-        base = recorder.record(0, server.evaluate(arrays.to_torch_state_dict()), train_loss=None,
+        global_delta = arrays.to_torch_state_dict()
+        base = recorder.record(0, server.evaluate(global_delta), train_loss=None,
                                upload_bytes=0, download_bytes=0, round_seconds=0.0)
-        checkpoint(recorder, strategy, arrays, 0)
+        checkpoint(recorder, strategy, global_delta, 0)
     else:
-        arrays = ArrayRecord(resumed.global_delta)
+        global_delta = resumed.global_delta
+        arrays = ArrayRecord(global_delta)
         strategy.optimizer_state = resumed.optimizer_state
         recorder.restore(resumed.metrics)
         restore_rng(resumed.rng)
@@ -121,7 +124,8 @@ def run_rounds(
         replies = exchange(grid, messages, timeout, progress)
         upload = sum(content_bytes(r.content) for r in replies if not r.has_error())
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        per_task = server.evaluate(arrays.to_torch_state_dict())
+        global_delta = arrays.to_torch_state_dict()  # once per round: evaluation and checkpoint share it
+        per_task = server.evaluate(global_delta)
         row = recorder.record(
             server_round, per_task,
             train_loss=train_metrics["train_loss"], clients=train_metrics["clients"],
@@ -129,20 +133,20 @@ def run_rounds(
             timed_out=len(messages) - len(replies),
             upload_bytes=upload, download_bytes=download,
             refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
-            client_processes=sorted({(reply_metric(r, "pid"), reply_metric(r, "model-builds")) for r in replies
-                                     if reply_metric(r, "pid") is not None and reply_metric(r, "model-builds") is not None}),
+            client_processes=sorted({p for r in replies
+                                     if None not in (p := (reply_metric(r, "pid"), reply_metric(r, "model-builds")))}),
             round_seconds=time.perf_counter() - started,
         )
-        checkpoint(recorder, strategy, arrays, server_round)
+        checkpoint(recorder, strategy, global_delta, server_round)
         log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %.3f, %.1f s",
             server_round, rounds, row["accuracy"], base["accuracy"], row["train_loss"], row["round_seconds"])
-    return arrays.to_torch_state_dict()
+    return global_delta
 
 
-def checkpoint(recorder: RunRecorder, strategy: ModelSpaceStrategy, arrays: ArrayRecord, server_round: int) -> None:
+def checkpoint(recorder: RunRecorder, strategy: ModelSpaceStrategy, global_delta: Delta, server_round: int) -> None:
     """Save what a resumed run needs to continue after `server_round`."""
     cfg = strategy.cfg
     save_state(recorder.out_dir, RunState(
-        server_round, arrays.to_torch_state_dict(), strategy.optimizer_state, recorder.rounds,
+        server_round, global_delta, strategy.optimizer_state, recorder.rounds,
         cfg.as_dict(), cfg.digest(), capture_rng(),
     ))

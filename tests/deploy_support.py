@@ -115,6 +115,21 @@ class Processes:
                 pass
 
 
+def wait_until_healthy(superlink: subprocess.Popen, procs: Processes, url: str, context=None) -> None:
+    """Poll the SuperLink's /health (https with `context`) until it answers; fail if it exits."""
+
+    def healthy() -> bool:
+        if superlink.poll() is not None:
+            pytest.fail(f"flower-superlink exited with {superlink.returncode}:\n{procs.log('superlink')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    wait_for(f"the SuperLink's {url}", healthy, 60, procs)
+
+
 def wait_for(what: str, check, timeout: float, procs: Processes, interval: float = 0.5):
     """Poll `check()` until it returns a truthy value; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -175,16 +190,7 @@ def start_insecure_link(root: Path, procs: Processes, connection: str) -> Link:
         "--database", str(root / "state.db"), "--disable-runtime-dependency-installation",
     ], environment(root / "superlink-home"))
 
-    def healthy() -> bool:
-        if superlink.poll() is not None:
-            pytest.fail(f"flower-superlink exited with {superlink.returncode}:\n{procs.log('superlink')[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://{link.address}/health", timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
-    wait_for("the insecure SuperLink's /health", healthy, 60, procs)
+    wait_until_healthy(superlink, procs, f"http://{link.address}/health")
     (root / "cli-home" / "config.toml").write_text(
         f'[superlink.{connection}]\naddress = "{link.address}"\ninsecure = true\n'
     )

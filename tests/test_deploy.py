@@ -13,7 +13,6 @@ import ssl
 import stat
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedllm.cli import main as fedllm_main
 from tests.conftest import PROJECT
-from tests.deploy_support import Link, Processes, command, environment, flwr_json, wait_for
+from tests.deploy_support import Link, Processes, command, environment, flwr_json, wait_for, wait_until_healthy
 from tests.deploy_support import read_metrics as metrics
 
 try:
@@ -164,16 +163,7 @@ def link(tmp_path_factory):
         ], environment(root / "superlink-home"))
         tls = ssl.create_default_context(cafile=str(c / "ca.crt"))
 
-        def healthy() -> bool:
-            if superlink.poll() is not None:
-                pytest.fail(f"flower-superlink exited with {superlink.returncode}:\n{procs.log('superlink')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"https://{link.address}/health", context=tls, timeout=2) as reply:
-                    return reply.status == 200
-            except OSError:
-                return False
-
-        wait_for("the SuperLink's /health over https", healthy, 60, procs)
+        wait_until_healthy(superlink, procs, f"https://{link.address}/health", context=tls)
         # 3. the CLI's connection entry
         (root / "cli-home" / "config.toml").write_text(
             f'[superlink.{CONNECTION}]\naddress = "{link.address}"\nroot-certificates = "{c / "ca.crt"}"\n'
