@@ -48,12 +48,14 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.secure_aggregation:
         return secure_reply(msg, context, cfg, node)
     received = msg.content["arrays"].to_torch_state_dict()
-    server_round = int(msg.content["config"]["server-round"])
-    update, loss, examples = local_round(cfg, node, received, server_round)
-    update, _ = privatize(cfg, update, server_round, node.partition_id, num_clients=1)  # local DP only here
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    result = local_round(cfg, node, received, server_round, int(config.get("local-steps", cfg.local_steps)))
+    update, _ = privatize(cfg, result.update, server_round, node.partition_id, num_clients=1)  # local DP only here
     metrics = MetricRecord({
-        "num-examples": examples, "train_loss": loss, "partition-id": node.partition_id,
-        "lora-rank": node.rank, "pid": os.getpid(), "model-builds": MODEL_BUILDS[cfg.model],
+        "num-examples": result.examples, "train_loss": result.loss, "train-seconds": result.seconds,
+        "partition-id": node.partition_id, "lora-rank": node.rank, "pid": os.getpid(),
+        "model-builds": MODEL_BUILDS[cfg.model],
     })
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -51,8 +51,9 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, node: NodeSetti
     if config["phase"] == "update":
         faults.apply(cfg, node.partition_id, ArrayRecord(), {})  # crash / hang: a client that drops out
         received = {k: torch.from_numpy(np.array(a)) for k, a in zip(str(config["state-names"]).split("\n"), arrays)}
-        upload, loss, examples = local_round(cfg, node, received, server_round)
-        values = step_values(cfg, upload, received, int(config["lora-rank"]), server_round, node.partition_id)
+        result = local_round(cfg, node, received, server_round, cfg.local_steps)
+        loss, examples, seconds = result.loss, result.examples, result.seconds
+        values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
         values, _ = privatize(cfg, values, server_round, node.partition_id, num_clients=int(config["num-clients"]))
         if cfg.aggregation in SIGN_CONSENSUS:
             context.state[VALUES] = ArrayRecord(values)
@@ -63,11 +64,11 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, node: NodeSetti
         for name, sign in zip(names, arrays):
             agreeing, indicator = agreement(values[name], torch.from_numpy(sign.astype(np.float32)))
             vector += [agreeing.numpy(), indicator.numpy()]
-        loss, examples = 0.0, len(worker_for(cfg).training_data(cfg, node.partition_id, node.num_partitions,
+        loss, seconds, examples = 0.0, 0.0, len(worker_for(cfg).training_data(cfg, node.partition_id, node.num_partitions,
                                                                 node.data_path))
     vector, clipped = within_range(vector, cfg.secagg_clipping_range)
     weight = 1 if cfg.dp != "none" else examples  # DP: the uniform mean its noise is calibrated for
-    metrics = {"train_loss": float(loss), "secure-clipped": clipped, "pid": os.getpid(),
+    metrics = {"train_loss": float(loss), "train-seconds": seconds, "secure-clipped": clipped, "pid": os.getpid(),
                "model-builds": MODEL_BUILDS.get(cfg.model, 0)}
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,9 @@ class Worker:
         key = (data_path, cfg.dataset, cfg.partition, partition_id, num_partitions, cfg.seed, cfg.train_per_task)
         if key not in self.data:
             examples: list[Example]
+            if data_path and cfg.baseline == "centralized":
+                raise ValueError("baseline 'centralized' pools the run's dataset, which a node's own data-path is not "
+                                 "part of; run the baseline in simulation")
             if data_path:
                 examples = load_examples(data_path)
             else:
@@ -65,7 +69,8 @@ class Worker:
                     cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
                     test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction,
                 )
-                examples = client_share(train, cfg.partition, partition_id, num_partitions, cfg.seed)
+                pooled = cfg.baseline == "centralized"
+                examples = train if pooled else client_share(train, cfg.partition, partition_id, num_partitions, cfg.seed)
             limit = getattr(self.base.config, "max_position_embeddings", 512)
             self.data[key] = encode(self.tokenizer, examples, min(limit, 512))
         return self.data[key]
@@ -92,11 +97,22 @@ class NodeSettings:
         )
 
 
+@dataclass(frozen=True)
+class LocalResult:
+    """One round of local training: the update to upload and what the reply reports."""
+
+    update: dict[str, torch.Tensor]
+    loss: float
+    examples: int
+    seconds: float  # wall time of the training itself
+
+
 def local_round(
-    cfg: RunConfig, node: NodeSettings, received: dict[str, torch.Tensor], server_round: int,
-) -> tuple[dict[str, torch.Tensor], float, int]:
-    """Train from the received state; returns the update to upload, the mean loss and the example
-    count. Seeded per (seed, round, partition), so a round can be replayed exactly."""
+    cfg: RunConfig, node: NodeSettings, received: dict[str, torch.Tensor], server_round: int, steps: int,
+) -> LocalResult:
+    """Train `steps` steps from the received state. Seeded per (seed, round, partition), so a round
+    can be replayed exactly."""
+    started = time.perf_counter()
     worker = worker_for(cfg)
     data = worker.training_data(cfg, node.partition_id, node.num_partitions, node.data_path)
     model, adapter = worker.adapter(node.rank)
@@ -104,11 +120,11 @@ def local_round(
     seed = cfg.seed * 100_003 + server_round * 1009 + node.partition_id
     torch.manual_seed(seed)  # dropout draws from the global RNG
     loss = train_steps(
-        model, data, steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),
+        model, data, steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),
         seed=seed, pad_id=worker.tokenizer.pad_token_id,
     )
     update = worker.method.upload(worker.method.trained(model, adapter), received, cfg.additive_uploads())
-    return update, loss, len(data)
+    return LocalResult(update, loss, len(data), time.perf_counter() - started)
 
 
 _WORKERS: dict[str, Worker] = {}

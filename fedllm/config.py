@@ -25,6 +25,9 @@ RESULT_NEUTRAL_KEYS = (
     "audit-dir",
 )
 
+# Reference runs that show where federated training sits (server/baselines.py).
+BASELINES = ("none", "centralized", "local-only")
+
 # What `fault-injection` can make a partition's ClientApp do to its reply (see client/faults.py).
 FAULT_KINDS = (
     "nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero", "examples-absurd", "metrics-type",
@@ -182,6 +185,11 @@ class RunConfig:
         "client-ranks", "", _is_rank_list, "'' or comma-separated ranks, e.g. '4,8,16'",
         "simulation: LoRA rank per partition, cycling (a node's node-config lora-rank wins)",
     )
+    baseline: str = _key(
+        "baseline", "none", lambda v: v in BASELINES, "none, centralized or local-only",
+        "reference runs: one client trains on all partitions pooled, for as many steps as a round's clients "
+        "together (centralized), or every client trains alone and is scored on the test split (local-only)",
+    )
     model: str = _key(
         "model", "builtin:tiny", lambda v: bool(v.strip()), "'builtin:tiny', a Hugging Face name or a local path",
         "base model",
@@ -300,6 +308,7 @@ class RunConfig:
         config.check_method_keys()
         config.check_secure_keys()
         config.check_dp_keys()
+        config.check_baseline_keys()
         if config.resume and not (config.output_dir or config.resume_from):
             raise ConfigError("resume = true needs output-dir set to the folder of the run to continue (or use resume-from)")
         return config
@@ -375,6 +384,12 @@ class RunConfig:
         if self.dp_adaptive_clipping and (self.dp != "central" or self.secure_aggregation):
             raise ConfigError("run-config dp-adaptive-clipping needs dp = 'central' without secure aggregation (the "
                               "server must count the clients whose update norm is below C)")
+
+    def check_baseline_keys(self) -> None:
+        """Baselines are non-private references: privacy mechanisms would only blur them."""
+        if self.baseline != "none" and (self.secure_aggregation or self.dp != "none"):
+            raise ConfigError(f"run-config baseline = {self.baseline!r} is a non-private reference; "
+                              "set secure-aggregation = false and dp = 'none' for it")
 
     def client_learning_rate(self) -> float:
         """`learning-rate`, else the method's default."""

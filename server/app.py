@@ -19,7 +19,7 @@ from server.grid import MeteredGrid
 from server.loop import run_rounds
 from server.model import ServerModel
 from server.record import RunRecorder, output_dir_for
-from server.strategy import ModelSpaceStrategy
+from server.baselines import build_strategy
 
 app = ServerApp()
 
@@ -46,12 +46,13 @@ def main(grid: Grid, context: Context) -> None:
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
     resumed = resumed_state(cfg, out_dir)
     server = ServerModel(cfg, test)
-    strategy = ModelSpaceStrategy(cfg, server.method)
+    strategy = build_strategy(cfg, server.method)
     strategy.context = context
     grid = MeteredGrid(grid, Path(cfg.audit_dir).expanduser() if cfg.audit_dir else None)
     recorder = RunRecorder(out_dir, cfg)
     global_delta = run_rounds(grid, strategy, server, recorder, cfg.num_server_rounds, cfg.round_timeout, resumed)
-    adapter_error = server.export(global_delta, out_dir)
+    final = strategy.final_update(global_delta)
+    adapter_error = server.export(final, out_dir) if final is not None else None
     summary = recorder.finish(
         adapter_truncation_error=adapter_error,
         refactor_error=recorder.rounds[-1].get("refactor_error", {}),

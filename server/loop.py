@@ -67,10 +67,11 @@ def run_rounds(
     """
     refresh_nodes(grid, strategy, timeout, wait=True)
     if resumed is None:
-        global_delta = server.method.zero_update()
+        global_delta = strategy.initial_update()
         arrays = ArrayRecord(global_delta)
-        base = recorder.record(0, server.evaluate(global_delta), train_loss=None,
-                               upload_bytes=0, download_bytes=0, round_seconds=0.0, **privacy_fields(strategy, 0))
+        per_task, scores = strategy.evaluate(server, global_delta)
+        base = recorder.record(0, per_task, train_loss=None, upload_bytes=0, download_bytes=0, round_seconds=0.0,
+                               **scores, **privacy_fields(strategy, 0))
         checkpoint(recorder, strategy, global_delta, 0)
     else:
         global_delta = resumed.global_delta
@@ -99,7 +100,9 @@ def run_rounds(
         result = play(grid, strategy, server_round, rounds, arrays, timeout)
         arrays = result.arrays
         global_delta = arrays.to_torch_state_dict()  # once per round: evaluation and checkpoint share it
-        per_task = server.evaluate(global_delta)
+        evaluating = time.perf_counter()
+        per_task, scores = strategy.evaluate(server, global_delta)
+        evaluate_seconds = time.perf_counter() - evaluating
         upload, download = (
             {strategy.nodes[n].partition_id: size for n, size in counts.items() if n in strategy.nodes}
             for counts in (grid.received, grid.sent)
@@ -112,6 +115,8 @@ def run_rounds(
             client_upload_bytes=upload, client_download_bytes=download,
             refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
             client_processes=result.client_processes, round_seconds=time.perf_counter() - started,
+            client_train_seconds=result.train_seconds,
+            aggregate_seconds=result.aggregate_seconds, evaluate_seconds=evaluate_seconds, **scores,
             **privacy_fields(strategy, server_round),
         )
         checkpoint(recorder, strategy, global_delta, server_round)
@@ -143,9 +148,15 @@ def plain_round(
         log(INFO, "round %d/%d: client %d/%d done (%s)", server_round, rounds, done, len(messages), status)
 
     replies = exchange(grid, messages, timeout, progress)
+    aggregating = time.perf_counter()
     arrays, metrics = strategy.aggregate_train(server_round, replies)
+    aggregate_seconds = time.perf_counter() - aggregating
     processes = sorted({p for r in replies if None not in (p := (reply_metric(r, "pid"), reply_metric(r, "model-builds")))})
-    return RoundResult(arrays, metrics, len(messages) - len(replies), processes)
+    train_seconds = {
+        strategy.nodes[node].partition_id: seconds for r in replies
+        if (node := strategy.reply_node(r)) in strategy.nodes and (seconds := reply_metric(r, "train-seconds")) is not None
+    }
+    return RoundResult(arrays, metrics, len(messages) - len(replies), processes, train_seconds, aggregate_seconds)
 
 
 def checkpoint(recorder: RunRecorder, strategy: ModelSpaceStrategy, global_delta: Delta, server_round: int) -> None:

@@ -50,7 +50,8 @@ class RunRecorder:
             os.fsync(handle.fileno())
 
     def record(self, server_round: int, per_task: dict[str, float], **fields: Any) -> dict[str, Any]:
-        row = {"round": server_round, "accuracy": mean_accuracy(per_task), "per_task_accuracy": per_task, **fields}
+        row = {"round": server_round, "accuracy": mean_accuracy(per_task), "per_task_accuracy": per_task, **fields,
+               "time": time.time()}
         self.rounds.append(row)
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")

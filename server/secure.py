@@ -41,6 +41,8 @@ class RoundResult:
     metrics: MetricRecord
     timed_out: int
     client_processes: list = field(default_factory=list)
+    train_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its client's local training time
+    aggregate_seconds: float = 0.0  # the server's merge (plain rounds; a secure round's sum is the protocol's)
 
 
 @dataclass(frozen=True)
@@ -152,5 +154,6 @@ def secure_round(
             cfg.secagg_clipping_range)
     strategy.rejected = []
     metrics = MetricRecord({"train_loss": float(loss), "clients": len(weights), "rejected": 0, "secure-clipped": clipped})
-    return RoundResult(ArrayRecord(new_global), metrics, len(nodes) - len(weights))
+    train_seconds = {strategy.nodes[n].partition_id: float(m["train-seconds"]) for n, m in first.metrics.items()}
+    return RoundResult(ArrayRecord(new_global), metrics, len(nodes) - len(weights), train_seconds=train_seconds)
 

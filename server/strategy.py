@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -22,6 +23,7 @@ from fedllm.config import RunConfig
 from fedllm.merge import RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
 from server.dp import ServerDp
+from server.model import ServerModel
 from server.validation import (
     NodeInfo, ReplyRejected, check_examples, check_norm, check_rank, check_train_loss, checked_upload,
     error_summary, reply_records,
@@ -58,25 +60,49 @@ class ModelSpaceStrategy(Strategy):
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded choice among the online nodes, in partition order, so runs are reproducible."""
-        ordered = sorted(self.online, key=lambda n: (self.nodes[n].partition_id, n))
-        count = min(len(ordered), max(int(len(ordered) * self.fraction_train), self.min_train_nodes))
+        ordered = self.online_in_order()
         rng = random.Random(f"{self.cfg.seed}:sample:{server_round}")
-        return sorted(rng.sample(ordered, count), key=ordered.index)
+        return sorted(rng.sample(ordered, self.sample_size()), key=ordered.index)
+
+    def online_in_order(self) -> list[int]:
+        return sorted(self.online, key=lambda n: (self.nodes[n].partition_id, n))
+
+    def sample_size(self) -> int:
+        """Nodes per round: `fraction-train` of those online, at least `min-clients`."""
+        online = len(self.online)
+        return min(online, max(int(online * self.fraction_train + 1e-9), self.cfg.min_clients))  # 0.29 * 100 is 28.99…
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send each sampled node the method's state for ΔW_g at its rank."""
         global_delta = self.current = arrays.to_torch_state_dict()
         node_ids = self.sample(server_round)
-        self.sent = self.sent_states(server_round, global_delta, {self.nodes[n].rank for n in node_ids})
+        self.sent = self.states_to_send(server_round, global_delta, node_ids)
+        settings = {**dict(config), **self.train_config(server_round, node_ids)}
         messages = []
         for node_id in node_ids:
             content = RecordDict({
-                "arrays": ArrayRecord(self.sent[self.nodes[node_id].rank].state),
-                "config": ConfigRecord({**dict(config), "server-round": server_round}),
+                "arrays": ArrayRecord(self.sent_to(node_id).state),
+                "config": ConfigRecord(settings),
             })
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self.outbox = messages  # to name the node of an error reply the SuperLink wrote for it
         return messages
+
+    def train_config(self, server_round: int, node_ids: list[int]) -> dict[str, int]:
+        """What every sampled node is told besides its state."""
+        return {"server-round": server_round}
+
+    def states_to_send(self, server_round: int, global_delta: Delta, node_ids: list[int]) -> dict[int, Sent]:
+        """This round's states, one per rank among `node_ids` (what `sent_to` picks from)."""
+        return self.sent_states(server_round, global_delta, {self.nodes[n].rank for n in node_ids})
+
+    def sent_to(self, node_id: int) -> Sent:
+        """The state to send `node_id` this round."""
+        return self.sent[self.nodes[node_id].rank]
+
+    def sent_for(self, node_id: int, metrics: MetricRecord) -> Sent:
+        """The state the replying node was sent this round (by the rank it reports)."""
+        return self.sent[check_rank(node_id, metrics, sorted(self.sent))]
 
     def sent_states(self, server_round: int, global_delta: Delta, ranks: Iterable[int]) -> dict[int, Sent]:
         """The method's state for ΔW_g at each rank (seeded per round: random directions of a
@@ -92,7 +118,7 @@ class ModelSpaceStrategy(Strategy):
             raise ReplyRejected(f"node {node} failed: {error_summary(reply.error.reason)}")
         arrays, metrics = reply_records(node, reply.content)
         check_train_loss(node, metrics)
-        sent = self.sent[check_rank(node, metrics, sorted(self.sent))]
+        sent = self.sent_for(node, metrics)
         additive = self.cfg.additive_uploads()
         upload = checked_upload(node, arrays, self.method.upload_shapes(sent, additive), self.codec)
         examples = check_examples(node, metrics, self.nodes.get(node))
@@ -150,7 +176,7 @@ class ModelSpaceStrategy(Strategy):
         Invalid replies are dropped with a logged reason; fewer than `min-clients` valid ones
         fail the round (the run can then resume from its last completed round).
         """
-        updates, weights, losses, self.rejected = [], [], [], []
+        updates, weights, losses, nodes, self.rejected = [], [], [], [], []
         for reply in sorted(replies, key=self.reply_order):
             try:
                 tau, examples = self.client_update(reply)
@@ -160,17 +186,34 @@ class ModelSpaceStrategy(Strategy):
                 continue
             updates.append(tau)
             weights.append(examples)
+            nodes.append(self.reply_node(reply))
             losses.append(float(reply.content["metrics"]["train_loss"]))
         if len(updates) < self.min_train_nodes:
             raise RuntimeError(
                 f"round {server_round}: only {len(updates)} valid replies (min-clients = {self.min_train_nodes}); "
                 f"rejected: {self.rejected or 'none'}"
             )
-        merged = self.merge(server_round, updates, weights)
-        step, self.optimizer_state = self.optimizer.step(merged, self.optimizer_state)
-        new_global = {module: delta + step[module] for module, delta in self.current.items()}
+        new_global = self.updated_global(server_round, updates, weights, nodes)
         metrics = MetricRecord({
             "train_loss": float(sum(l * n for l, n in zip(losses, weights)) / sum(weights)),
             "clients": len(updates), "rejected": len(self.rejected),
         })
         return ArrayRecord(new_global), metrics
+
+    def updated_global(self, server_round: int, updates: list[Delta], weights: list[float], nodes: list[int]) -> Delta:
+        """`ΔW_g + server_step(merge(τ_1..τ_K))`."""
+        merged = self.merge(server_round, updates, weights)
+        step, self.optimizer_state = self.optimizer.step(merged, self.optimizer_state)
+        return {module: delta + step[module] for module, delta in self.current.items()}
+
+    def initial_update(self) -> Delta:
+        """The state of round 0: no update yet."""
+        return self.method.zero_update()
+
+    def evaluate(self, server: ServerModel, global_delta: Delta) -> tuple[dict[str, float], dict[str, Any]]:
+        """Per-task accuracy of what this strategy trains, and extra fields for the round's row."""
+        return server.evaluate(global_delta), {}
+
+    def final_update(self, global_delta: Delta) -> Delta | None:
+        """The update to export as the run's model and adapter (None: nothing to export)."""
+        return global_delta

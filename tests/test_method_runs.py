@@ -51,7 +51,7 @@ def replay_client(cfg: RunConfig):
     method.evaluation_model(base)
     sent = ModelSpaceStrategy(cfg, method).sent_states(1, method.zero_update(), [cfg.lora_rank])[cfg.lora_rank]
     node = NodeSettings(partition_id=0, num_partitions=1, rank=cfg.lora_rank, data_path="")
-    update, _, _ = local_round(cfg, node, sent.state, server_round=1)
+    update = local_round(cfg, node, sent.state, server_round=1, steps=cfg.local_steps).update
     return worker_for(cfg).peft_model, method, sent, update
 
 
@@ -98,8 +98,8 @@ def serialized_reply_size(shapes: dict[str, torch.Size], codec) -> int:
         tensor = name.rsplit("::", 1)[0] if codec.sparse else name
         length = math.ceil(codec.density * shapes[tensor].numel())
         arrays[name] = Array(np.zeros(length if codec.sparse else tuple(shapes[name]), dtype=dtype))
-    metrics = MetricRecord({"num-examples": 0, "train_loss": 0.0, "partition-id": 0, "lora-rank": 0,
-                            "pid": 0, "model-builds": 0})
+    metrics = MetricRecord({"num-examples": 0, "train_loss": 0.0, "train-seconds": 0.0, "partition-id": 0,
+                            "lora-rank": 0, "pid": 0, "model-builds": 0})
     return content_bytes(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}))
 
 
