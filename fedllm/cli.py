@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fedllm.config import ConfigError
-from fedllm.launch import RunFailed, run_simulation
+from fedllm.launch import RunFailed, reused_superlink, run_simulation
 
 DEFAULT_CLIENTS = 6
 
@@ -57,18 +57,22 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from fedllm.study import execute, load_study, write_report, write_results
+    from fedllm.study import execute, load_study, machine, pending_runs, write_report, write_results
 
     study_file = Path(args.study)
+    out = Path(args.out or Path("outputs") / f"study-{study_file.stem}").resolve()
     try:
         study = load_study(study_file)
+        pending = pending_runs(study, out)
     except ConfigError as error:
         print(f"fedllm study: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path("outputs") / f"study-{study_file.stem}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if pending:  # what the results about to be written were made on
+        (out / "machine.json").write_text(json.dumps(machine(), indent=2))
     app = Path(args.app) if args.app else project_dir()
-    rows = execute(study, out, lambda run_config, clients, folder: run_simulation(app, run_config, clients, folder))
+    with reused_superlink():
+        rows = execute(study, out, lambda run_config, clients, folder: run_simulation(app, run_config, clients, folder))
     write_results(rows, out)
     report = write_report(study_file, study, rows, out)
     print(report.read_text())

@@ -2,7 +2,8 @@
 
 A study file has `clients` (simulated nodes per run, default 6), a `[base]` table of run-config
 keys, a `[grid]` table of key = list of values whose cross product is run (`seed` is a key like
-any other), and optionally `[[runs]]`, explicit override tables run on top of `[base]`. Every run
+any other), and optionally `[[runs]]`, explicit override tables run on top of `[base]`. `clients`
+may also be a key of `[grid]` or `[[runs]]` (a client-count sweep). Every run
 gets its own folder under `<out>/runs/`; a run whose `summary.json` exists is skipped, so an
 interrupted study continues where it stopped. A run that fails is reported and the study goes on.
 """
@@ -24,10 +25,11 @@ from fedllm.config import ConfigError, RunConfig
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a study: its folder name and its run-config overrides."""
+    """One run of a study: its folder name, its run-config overrides and its simulated nodes."""
 
     name: str
     overrides: dict[str, Any]
+    clients: int
 
 
 @dataclass
@@ -64,21 +66,24 @@ def load_study(path: Path) -> Study:
         raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, [base], [grid], [[runs]]")
     base, grid, extra = spec.get("base", {}), spec.get("grid", {}), spec.get("runs", [])
     clients = spec.get("clients", 6)
-    if not isinstance(clients, int) or clients < 1:
-        raise ConfigError(f"study file {path}: clients = {clients!r}; expected an integer >= 1")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"study file {path}: [grid] {key} must be a non-empty list of values")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
-    settings = [{**base, **combo} for combo in combos] + [{**base, **run} for run in extra]
-    for overrides in settings:
+    settings = [{"clients": clients, **base, **combo} for combo in combos]
+    settings += [{"clients": clients, **base, **run} for run in extra]
+    for setting in settings:
+        if not isinstance(setting["clients"], int) or setting["clients"] < 1:
+            raise ConfigError(f"study file {path}: clients = {setting['clients']!r}; expected an integer >= 1")
+        overrides = {k: v for k, v in setting.items() if k != "clients"}
         RunConfig.check_keys(overrides)
         RunConfig.from_flower(overrides)
     varying = sorted({k for s in settings for k in s if any(s.get(k) != t.get(k) for t in settings)})
     names = [_slug(s, varying) for s in settings]
     if len(set(names)) != len(names):
         raise ConfigError(f"study file {path}: two runs have identical settings")
-    return Study(clients, base, [PlannedRun(n, s) for n, s in zip(names, settings)], varying)
+    runs = [PlannedRun(n, {k: v for k, v in s.items() if k != "clients"}, s["clients"]) for n, s in zip(names, settings)]
+    return Study(clients, base, runs, varying)
 
 
 def execute(study: Study, out: Path, run: Callable[[str, int, Path], None]) -> list[dict[str, Any]]:
@@ -91,14 +96,46 @@ def execute(study: Study, out: Path, run: Callable[[str, int, Path], None]) -> l
     for planned in study.runs:
         folder = out / "runs" / planned.name
         status = "skipped (complete)" if _completed(folder, planned) else "ran"
+        settings = {"run": planned.name, "clients": planned.clients, **planned.overrides}
         if status == "ran":
             try:
-                run(run_config_text(planned.overrides), study.clients, folder)
+                run(run_config_text(planned.overrides), planned.clients, folder)
             except Exception as error:  # noqa: BLE001 - a failed run is reported, the study goes on
-                rows.append({"run": planned.name, "status": f"failed: {error}", **planned.overrides})
+                rows.append({**settings, "status": f"failed: {error}"})
                 continue
-        rows.append({"run": planned.name, "status": status, **planned.overrides, **_summary_fields(folder)})
+        rows.append({**settings, "status": status, **_summary_fields(folder)})
     return rows
+
+
+def machine() -> dict[str, Any]:
+    """What a study ran on and with: written beside its results (`machine.json`)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    from importlib.metadata import version
+
+    import psutil
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    return {
+        "date": datetime.date.today().isoformat(), "platform": platform.platform(), "processor": platform.machine(),
+        "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30),
+        "gpu": _gpu_name(), "python": platform.python_version(), "fedllm_commit": commit or "unknown",
+        **{package: version(package) for package in ("torch", "flwr", "peft", "transformers")},
+    }
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
+def pending_runs(study: Study, out: Path) -> list[PlannedRun]:
+    """The runs of `study` that have no finished result in `out` yet."""
+    return [planned for planned in study.runs if not _completed(out / "runs" / planned.name, planned)]
 
 
 def _completed(folder: Path, planned: PlannedRun) -> bool:
@@ -170,7 +207,7 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         per_task = [f"{statistics.fmean(r[t] for r in members):.2f}" for t in tasks]
         upload = statistics.fmean(r["upload_per_client_round"] for r in members)
         wall = statistics.fmean(r["wall_seconds"] for r in members)
-        cells = [f"`{v}`" for v in setting]
+        cells = [f"`{v}`" if v != "" else "–" for v in setting]  # '' is an unset optional key
         cells += [str(len(accs)), f"{statistics.fmean(accs):.3f} ± {spread:.3f}", _kib(upload), f"{wall:.0f} s"] + per_task
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -180,10 +217,15 @@ def _kib(size: float) -> str:
     return f"{size / 1024:,.1f} KiB"
 
 
+def _clients_text(study: Study) -> str:
+    counts = sorted({r.clients for r in study.runs})
+    return f"{counts[0]} simulated clients each" if len(counts) == 1 else "simulated clients as in the table"
+
+
 def write_report(study_file: Path, study: Study, rows: list[dict[str, Any]], out: Path) -> Path:
     failed = [r for r in rows if str(r["status"]).startswith("failed")]
     text = [f"# Study `{study_file.name}`", "",
-            f"`fedllm study {study_file} --out {out}`: {len(rows)} runs, {study.clients} simulated clients each, "
+            f"`fedllm study {study_file} --out {out}`: {len(rows)} runs, {_clients_text(study)}, "
             f"base settings `{run_config_text(study.base) or 'defaults'}`.", "",
             settings_table(rows, study.varying), ""]
     if failed:
@@ -191,18 +233,19 @@ def write_report(study_file: Path, study: Study, rows: list[dict[str, Any]], out
     text += ["![accuracy per round](accuracy_per_round.png)", "", "![accuracy against upload](accuracy_vs_upload.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(text))
-    plot_study(rows, study, out)
+    plot_study(rows, study, out / "runs", out)
     return path
 
 
-def plot_study(rows: list[dict[str, Any]], study: Study, out: Path) -> None:
-    """Mean accuracy per round per setting, and mean accuracy against cumulative upload bytes."""
+def plot_study(rows: list[dict[str, Any]], study: Study, runs: Path, out: Path) -> None:
+    """Mean accuracy per round per setting, and mean accuracy against cumulative upload bytes
+    (from the run folders under `runs`, into `out`)."""
     keys = [k for k in study.varying if k != "seed"]
     runs_by_label: dict[str, list[list[dict[str, Any]]]] = {}
     for row in rows:
         if "final_accuracy" in row:
             label = ", ".join(f"{k}={_setting(row, k)}" for k in keys) or "base"
-            runs_by_label.setdefault(label, []).append(_metrics(out / "runs" / row["run"]))
+            runs_by_label.setdefault(label, []).append(_metrics(runs / row["run"]))
     per_round, per_byte = {}, {}
     for label, runs in sorted(runs_by_label.items()):
         length = min(map(len, runs))

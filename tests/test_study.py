@@ -13,6 +13,10 @@ from fedllm.config import ConfigError
 from fedllm.study import load_study
 
 
+def read_rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
 def write(path, text):
     path.write_text(text)
     return path
@@ -59,7 +63,7 @@ train-per-task = 8
 test-per-task = 2
 partition = "iid"
 [grid]
-lora-rank = [2, 4]
+baseline = ["centralized", "local-only"]
 seed = [0, 1]
 [[runs]]
 model = "builtin:nonexistent"
@@ -73,11 +77,23 @@ model = "builtin:nonexistent"
 
     summaries = {r["run"]: json.loads((out / "runs" / r["run"] / "summary.json").read_text()) for r in rows if r not in failed}
     report = (out / "report.md").read_text()
-    for rank in (2, 4):
-        accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["lora-rank"] == rank]
+    for baseline in ("centralized", "local-only"):
+        accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
         assert len(accs) == 2
+        assert f"`{baseline}`" in report
         assert f"| 2 | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in report
     assert "## Failed runs" in report and (out / "accuracy_per_round.png").exists()
+
+    for name, summary in summaries.items():
+        folder, last = out / "runs" / name, read_rows(out / "runs" / name)[-1]
+        if summary["config"]["baseline"] == "centralized":  # one client, on every partition pooled
+            assert last["clients"] == 1 and list(last["client_train_seconds"]) == ["0"]
+            assert {n["num_examples"] for n in summary["nodes"]} == {6 * 8}, summary["nodes"]
+            assert (folder / "model").is_dir()
+        else:  # every client on its own; the round's accuracy is the mean of theirs
+            assert last["clients"] == 2 and sorted(last["client_accuracy"]) == ["0", "1"]
+            assert last["accuracy"] == pytest.approx(statistics.fmean(last["client_accuracy"].values()))
+            assert not (folder / "model").exists() and summary["adapter_truncation_error"] is None
 
     stamps = {name: (out / "runs" / name / "summary.json").stat().st_mtime_ns for name in summaries}
     capsys.readouterr()

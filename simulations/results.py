@@ -1,0 +1,126 @@
+"""Write docs/RESULTS.md from the shipped studies' outputs: never edit its figures by hand.
+
+    python simulations/results.py [--studies outputs] [--bench outputs/bench-simulation.json]
+
+For every study file in simulations/studies/ whose folder `<studies>/study-<name>` exists (the
+default `--out` of `fedllm study`), the section says what was run (the file's own comment and
+command), on what machine (the study's `machine.json`), the table of mean ± std per setting
+recomputed from the runs' summaries, and the plots (redrawn into docs/results/<name>/). Runs
+that have not finished are listed as missing. The privacy study also gets its accuracy-against-ε
+table and plot; `--bench` adds the figures of simulations/bench_simulation.py --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "simulations"))
+
+from fedllm.study import execute, load_study, plot_study, settings_table  # noqa: E402
+
+STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy")  # then any other study file
+
+
+class NotRun(RuntimeError):
+    """A planned run with no finished result in the study folder."""
+
+
+def not_run(run_config: str, clients: int, folder: Path) -> None:
+    raise NotRun("not run yet")
+
+
+def description(study_file: Path) -> list[str]:
+    """The study file's leading comment, as prose."""
+    lines = []
+    for line in study_file.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return [" ".join(line for line in lines if line and not line.startswith("fedllm study"))]
+
+
+def machine_text(folder: Path) -> str:
+    path = folder / "machine.json"
+    if not path.exists():
+        return "Machine not recorded (the study predates `machine.json`)."
+    m = json.loads(path.read_text())
+    return (f"Ran on {m['cpus']} CPUs, {m['memory_gib']} GiB, GPU {m['gpu']} ({m['platform']}), fedllm "
+            f"`{m['fedllm_commit']}`, torch {m['torch']}, flwr {m['flwr']}, peft {m['peft']}, "
+            f"transformers {m['transformers']}; last run {m['date']}.")
+
+
+def study_section(study_file: Path, folder: Path, docs: Path) -> list[str]:
+    name = study_file.stem
+    study = load_study(study_file)
+    rows = execute(study, folder, not_run)
+    done = [r for r in rows if "final_accuracy" in r]
+    figures = docs / "results" / name
+    figures.mkdir(parents=True, exist_ok=True)
+    text = [f"## {name}", "", *description(study_file), "",
+            f"`fedllm study simulations/studies/{study_file.name} --out outputs/study-{name}`: "
+            f"{len(done)} of {len(rows)} runs finished. {machine_text(folder)}", ""]
+    missing = [r["run"] for r in rows if "final_accuracy" not in r]
+    if missing:
+        text += [f"Not run (or failed): {', '.join(f'`{m}`' for m in missing)}.", ""]
+    if not done:
+        return text
+    text += [settings_table(done, study.varying), ""]
+    plot_study(done, study, folder / "runs", figures)
+    text += [f"![accuracy per round](results/{name}/accuracy_per_round.png)", "",
+             f"![accuracy against upload](results/{name}/accuracy_vs_upload.png)", ""]
+    if name == "privacy":
+        import privacy_report
+
+        privacy_rows = privacy_report.load_rows(folder)
+        privacy_report.plot(privacy_rows, figures / "accuracy_vs_epsilon.png")
+        text += [privacy_report.tables(privacy_rows), "", f"![accuracy against ε](results/{name}/accuracy_vs_epsilon.png)", ""]
+    return text
+
+
+def bench_section(path: Path) -> list[str]:
+    results = json.loads(path.read_text())
+    text = ["## Simulation at scale", "",
+            f"`python simulations/bench_simulation.py --json {path.name}` (simulations/bench_simulation.py says how "
+            "each figure is measured). Steady state: rounds 2 and later.", "",
+            "| clients | per round | CPUs per client | peak memory (RSS, all processes) | s / round | training | "
+            "aggregation | evaluation | overhead |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        text.append(
+            f"| {r['clients']} | {r['per_round']} | {r['cpus_per_client']} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
+            f"{r['seconds_per_round']:.1f} | {r['training_seconds']:.1f} s | {r['aggregation_seconds']:.2f} s | "
+            f"{r['evaluation_seconds']:.2f} s | {r['overhead']:.1%} |")
+    return text + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", default="outputs", help="folder holding study-<name> folders (default %(default)s)")
+    parser.add_argument("--bench", default="", help="JSON written by simulations/bench_simulation.py --json")
+    parser.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md and results/ go")
+    args = parser.parse_args()
+    studies, docs = Path(args.studies), Path(args.docs)
+    files = sorted((ROOT / "simulations" / "studies").glob("*.toml"),
+                   key=lambda f: (STUDY_ORDER.index(f.stem) if f.stem in STUDY_ORDER else len(STUDY_ORDER), f.stem))
+    text = ["# Results", "",
+            "Generated by `python simulations/results.py` from the outputs of the shipped studies "
+            "(simulations/studies/); do not edit by hand. Accuracy is exact match of the server model "
+            "on the built-in suite's held-out test split, mean over its six tasks.", ""]
+    for study_file in files:
+        folder = studies / f"study-{study_file.stem}"
+        if folder.is_dir():
+            text += study_section(study_file, folder, docs)
+        else:
+            text += [f"## {study_file.stem}", "", f"Not run yet: `fedllm study simulations/studies/{study_file.name}`.", ""]
+    if args.bench:
+        text += bench_section(Path(args.bench))
+    (docs / "RESULTS.md").write_text("\n".join(text))
+    print(f"wrote {docs / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
