@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -27,6 +29,25 @@ OFFLINE_ENV = {
 
 class RunFailed(RuntimeError):
     """The federated run did not produce its summary."""
+
+
+_REUSING_SUPERLINK = False  # inside `reused_superlink()`: runs leave the local SuperLink running
+
+
+@contextmanager
+def reused_superlink() -> Iterator[None]:
+    """Let the runs inside share one local SuperLink (each `flwr run` otherwise starts and stops
+    its own, about 4 s per run), and stop it at the end if it was started inside."""
+    global _REUSING_SUPERLINK
+    before, previous = superlink_pids(), _REUSING_SUPERLINK
+    _REUSING_SUPERLINK = True
+    try:
+        yield
+    finally:
+        _REUSING_SUPERLINK = previous
+        if not previous:
+            for pid in superlink_pids() - before:
+                stop_tree(pid)
 
 
 def local_superlink_port() -> int:
@@ -126,7 +147,7 @@ def run_simulation(
     try:
         subprocess.run(command, env=env, check=False)
     finally:
-        if not keep_superlink:
+        if not (keep_superlink or _REUSING_SUPERLINK):
             for pid in superlink_pids() - already_running:
                 stop_tree(pid)
         reap_orphaned_ray(started_at)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.launch import reused_superlink
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -26,7 +28,8 @@ def flower_env(tmp_path_factory) -> dict[str, str]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield env
+    with reused_superlink():  # one local SuperLink for all the session's runs, stopped at the end
+        yield env
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedllm.checkpoint import STATE_FILE
-from fedllm.launch import RunFailed, run_simulation, superlink_pids
+from fedllm.launch import RunFailed, run_simulation, stop_tree, superlink_pids
 from tests.conftest import PROJECT
 
-SETTINGS = ("num-server-rounds=4 local-steps=12 train-per-task=40 test-per-task=6 lora-dropout=0.1 "
-            "seed=2 partition='pathological:2'")
+SETTINGS = ("model='builtin:micro' num-server-rounds=4 local-steps=12 train-per-task=40 test-per-task=6 "
+            "lora-dropout=0.1 seed=2 partition='pathological:2'")
 
 
 def server_processes() -> list[psutil.Process]:
@@ -34,7 +34,7 @@ def completed_rounds(folder) -> int:
     return len(path.read_text().splitlines()) - 1 if path.exists() else -1
 
 
-def test_killed_server_resumes_bit_identically(flower_env, builtin_path, tmp_path):
+def test_killed_server_resumes_bit_identically(flower_env, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run_simulation(PROJECT, SETTINGS, clients=3, output_dir=straight)
 
@@ -55,6 +55,8 @@ def test_killed_server_resumes_bit_identically(flower_env, builtin_path, tmp_pat
     assert victims, "the simulation process should be running"
     for process in victims:
         process.kill()
+    for pid in superlink_pids():  # at once, not after its timeout for the lost run; the resume gets a fresh one
+        stop_tree(pid)
     runner.join(timeout=120)
     assert outcome and isinstance(outcome[0], RunFailed), "a killed run must be reported as failed"
     assert not (crashed / "summary.json").exists()

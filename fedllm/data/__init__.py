@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from fedllm.data.example import Example
 from fedllm.data.files import DatasetError, load_examples, load_hf_dataset
 from fedllm.data.partition import PartitionScheme, describe_partitions, parse_partition, partition_indices
@@ -28,8 +30,15 @@ def client_share(train: list[Example], partition: str, partition_id: int, num_pa
     """The training examples of one partition (the same on every node for the same seed)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    indices = partition_indices([e.task for e in train], num_partitions, partition, seed)[partition_id]
+    indices = _partitions(tuple(e.task for e in train), num_partitions, partition, seed)[partition_id]
     return [train[i] for i in indices]
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(tasks: tuple[str, ...], num_partitions: int, partition: str, seed: int) -> list[list[int]]:
+    """Every partition at once, kept: a simulation worker plays many partitions of one split (a
+    Dirichlet split of 2,400 examples over 100 clients takes about 1.5 s)."""
+    return partition_indices(tasks, num_partitions, partition, seed)
 
 
 __all__ = [
