@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -101,10 +102,9 @@ def generate_answers(
 ) -> list[str]:
     """Greedy continuations of each example's prompt, cut at eos.
 
-    Prompts are batched by equal length, so there is no padding and no position shift, and every
-    step runs the whole sequence without a KV cache: with peft's prompt-learning methods
-    (peft 0.21, transformers 5) `generate` with a cache gets only the first token right. Answers
-    are short, so the recomputation costs little.
+    Prompts are batched by equal length, so there is no padding and no position shift. Not
+    `generate`: with peft's prompt-learning methods (peft 0.21, transformers 5) it gets only the
+    first token right.
     """
     device = next(model.parameters()).device
     prompts = [tokenizer(prompt_text(e), add_special_tokens=False)["input_ids"] for e in examples]
@@ -123,18 +123,37 @@ def generate_answers(
 
 
 def _greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Up to `max_new_tokens` argmax tokens after each row of `ids`, each cut before its first eos."""
+    """Up to `max_new_tokens` argmax tokens after each row of `ids`, each cut before its first eos.
+
+    With a KV cache each step feeds only the new token; peft's prompt-learning models (which use
+    the cache for their own virtual tokens) recompute the whole sequence instead.
+    """
     width = ids.shape[1]
+    cached, name = not _prompt_learning(model), _cache_name(model)
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    fed, past = ids, None
     for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, -1]
-        next_ids = logits.argmax(dim=-1).masked_fill(done, eos_id)
+        out = model(input_ids=fed, attention_mask=torch.ones_like(ids), use_cache=cached, **{name: past})
+        next_ids = out.logits[:, -1].argmax(dim=-1).masked_fill(done, eos_id)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        fed, past = (next_ids[:, None], out[name]) if cached else (ids, None)
         done |= next_ids == eos_id
         if done.all():
             break
     rows = ids[:, width:].tolist()
     return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """The KV cache's argument (and output) name: `cache` from transformers 5.24 on, before it
+    `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _prompt_learning(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
 
 
 def evaluate(

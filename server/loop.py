@@ -116,7 +116,8 @@ def run_rounds(
             refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
             client_processes=result.client_processes, round_seconds=time.perf_counter() - started,
             client_train_seconds=result.train_seconds,
-            aggregate_seconds=result.aggregate_seconds, evaluate_seconds=evaluate_seconds, **scores,
+            refactor_seconds=strategy.refactor_seconds, aggregate_seconds=result.aggregate_seconds,
+            evaluate_seconds=evaluate_seconds, **scores,
             **privacy_fields(strategy, server_round),
         )
         checkpoint(recorder, strategy, global_delta, server_round)

@@ -13,6 +13,7 @@ that elects the sign, then the secure sums of agreeing values and agreeing weigh
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from logging import INFO
 
@@ -117,7 +118,9 @@ def secure_round(
     cfg, method = strategy.cfg, strategy.method
     global_delta = strategy.current = arrays.to_torch_state_dict()
     nodes = strategy.sample(server_round)
+    started = time.perf_counter()
     sent = strategy.sent_states(server_round, global_delta, {strategy.nodes[n].rank for n in nodes})
+    strategy.refactor_seconds = time.perf_counter() - started
     if len(sent) > 1:
         raise RuntimeError(f"round {server_round}: nodes of ranks {sorted(sent)} were sampled; secure aggregation "
                            "sums the same tensors from every client, so all nodes need the same lora-rank")

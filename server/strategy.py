@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,6 +58,7 @@ class ModelSpaceStrategy(Strategy):
         self.rejected: list[str] = []
         self.outbox: list[Message] = []  # this round's train messages (message ids are set when pushed)
         self.current: Delta = {}  # ΔW_g as of configure_train
+        self.refactor_seconds = 0.0  # this round's time to compute what each rank is sent
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded choice among the online nodes, in partition order, so runs are reproducible."""
@@ -76,7 +78,9 @@ class ModelSpaceStrategy(Strategy):
         """Send each sampled node the method's state for ΔW_g at its rank."""
         global_delta = self.current = arrays.to_torch_state_dict()
         node_ids = self.sample(server_round)
+        started = time.perf_counter()
         self.sent = self.states_to_send(server_round, global_delta, node_ids)
+        self.refactor_seconds = time.perf_counter() - started
         settings = {**dict(config), **self.train_config(server_round, node_ids)}
         messages = []
         for node_id in node_ids:

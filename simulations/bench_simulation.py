@@ -11,8 +11,9 @@ thread each; 2: one client at a time with two threads), and prints for each:
   (SuperLink, ServerApp, simulation engine, Ray workers), sampled every 0.25 s;
 - seconds per round: the wall time between consecutive rounds' records in metrics.jsonl;
 - the split of each round's wall time W into local training (the clients' own timing of their
-  training, summed and divided by the clients that can train at once), aggregation and
-  evaluation (timed by the server), and the rest: framework overhead = 1 − (training + aggregation) / W,
+  training, summed and divided by the clients that can train at once), aggregation (the merge,
+  and re-factoring ΔW_g into what each rank is sent) and evaluation (timed by the server), and
+  the rest: framework overhead = 1 − (training + aggregation) / W,
   whose parts are evaluation and "other" (scheduling, serialization, messaging, checkpoint, logging).
 
 The first round loads the base model in every worker, so steady state is rounds 2..R.
@@ -93,8 +94,8 @@ def round_splits(rows: list[dict], parallel: int) -> list[RoundSplit]:
     for before, row in zip(rows, rows[1:]):
         train = row["client_train_seconds"].values()
         at_once = max(1, min(parallel, len(train)))
-        splits.append(RoundSplit(row["time"] - before["time"], sum(train) / at_once, row["aggregate_seconds"],
-                                 row["evaluate_seconds"]))
+        server_math = row["aggregate_seconds"] + row.get("refactor_seconds", 0.0)  # merge, and re-factoring ΔW_g
+        splits.append(RoundSplit(row["time"] - before["time"], sum(train) / at_once, server_math, row["evaluate_seconds"]))
     return splits
 
 
