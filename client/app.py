@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
 from client import faults
 from client.privacy import privatize
 from client.secure import secure_aggregation_mod, secure_reply
-from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
+from client.worker import MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_round, worker_for
 from fedllm.config import RunConfig
+from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD
 from fedllm.logs import quiet_third_party
 from fedllm.wire import encode
 
@@ -36,9 +37,10 @@ def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition, rank and data size (no data leaves the node)."""
     cfg, node = _setup(context)
-    data = worker_for(cfg).training_data(cfg, node.partition_id, node.num_partitions, node.data_path)
-    info = MetricRecord({"partition-id": node.partition_id, "lora-rank": node.rank, "num-examples": len(data)})
-    return Message(RecordDict({"node": info}), reply_to=msg)
+    info = MetricRecord({"partition-id": node.partition_id, "lora-rank": node.rank,
+                         "num-examples": len(client_examples(cfg, node))})
+    model = ConfigRecord({"client-model": node.client_model})
+    return Message(RecordDict({"node": info, "node-model": model}), reply_to=msg)
 
 
 @app.train(mods=[secure_aggregation_mod])
@@ -50,15 +52,24 @@ def train(msg: Message, context: Context) -> Message:
     received = msg.content["arrays"].to_torch_state_dict()
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    result = local_round(cfg, node, received, server_round, int(config.get("local-steps", cfg.local_steps)))
+    worker = worker_for_message(cfg, msg.content)
+    result = local_round(cfg, node, worker, received, server_round, int(config.get("local-steps", cfg.local_steps)))
     update, _ = privatize(cfg, result.update, server_round, node.partition_id, num_clients=1)  # local DP only here
     metrics = MetricRecord({
         "num-examples": result.examples, "train_loss": result.loss, "train-seconds": result.seconds,
         "partition-id": node.partition_id, "lora-rank": node.rank, "pid": os.getpid(),
-        "model-builds": MODEL_BUILDS[cfg.model],
+        "model-builds": MODEL_BUILDS[worker.name],
     })
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def worker_for_message(cfg: RunConfig, content: RecordDict) -> Worker:
+    """The full base model's worker, or that of the emulator the message names."""
+    if EMULATOR_RECORD not in content:
+        return worker_for(cfg)
+    weights = content.get(WEIGHTS_RECORD)
+    return emulator_worker(cfg, dict(content[EMULATOR_RECORD]), None if weights is None else weights.to_torch_state_dict())
 
 
 def upload_record(cfg: RunConfig, update: dict[str, torch.Tensor], context: Context) -> ArrayRecord:

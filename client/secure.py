@@ -51,7 +51,7 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, node: NodeSetti
     if config["phase"] == "update":
         faults.apply(cfg, node.partition_id, ArrayRecord(), {})  # crash / hang: a client that drops out
         received = {k: torch.from_numpy(np.array(a)) for k, a in zip(str(config["state-names"]).split("\n"), arrays)}
-        result = local_round(cfg, node, received, server_round, cfg.local_steps)
+        result = local_round(cfg, node, worker_for(cfg), received, server_round, cfg.local_steps)
         loss, examples, seconds = result.loss, result.examples, result.seconds
         values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
         values, _ = privatize(cfg, values, server_round, node.partition_id, num_clients=int(config["num-clients"]))
@@ -64,8 +64,7 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, node: NodeSetti
         for name, sign in zip(names, arrays):
             agreeing, indicator = agreement(values[name], torch.from_numpy(sign.astype(np.float32)))
             vector += [agreeing.numpy(), indicator.numpy()]
-        loss, seconds, examples = 0.0, 0.0, len(worker_for(cfg).training_data(cfg, node.partition_id, node.num_partitions,
-                                                                node.data_path))
+        loss, seconds, examples = 0.0, 0.0, len(worker_for(cfg).training_data(cfg, node))
     vector, clipped = within_range(vector, cfg.secagg_clipping_range)
     weight = 1 if cfg.dp != "none" else examples  # DP: the uniform mean its noise is calibrated for
     metrics = {"train_loss": float(loss), "train-seconds": seconds, "secure-clipped": clipped, "pid": os.getpid(),

@@ -10,39 +10,40 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import Context
-
 from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedllm.config import RunConfig
 from fedllm.data import Example, client_share, load_examples, load_splits
+from fedllm.emulator import FULL, EmulatorError, LayerMap, instantiate, load_cached, save_cached, verified
 from fedllm.methods import build_method
-from fedllm.models import load_model, pick_device
+from fedllm.models import cache_dir, load_model, load_tokenizer, pick_device
 from fedllm.train import Encoded, encode, train_steps
 
 log = logging.getLogger(__name__)
 
-MODEL_BUILDS: dict[str, int] = {}  # model name -> times built in this process (reported to the server)
+MODEL_BUILDS: dict[str, int] = {}  # base model (or emulator) -> times built in this process (reported to the server)
 
 
-@dataclass
 class Worker:
-    """One base model with the run's PEFT method: an adapter per rank, encoded data per share."""
+    """One base model (the full one, or an emulator) with the run's PEFT method: an adapter per
+    rank, encoded data per share."""
 
-    model_name: str
-    cfg: RunConfig
-    peft_model: PeftModel | None = None
-    data: dict[tuple, list[Encoded]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
+    def __init__(self, cfg: RunConfig, name: str, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 layer_map: LayerMap | None = None) -> None:
+        self.cfg, self.name, self.tokenizer = cfg, name, tokenizer
         self.device = pick_device()
-        self.base, self.tokenizer = load_model(self.model_name, self.device)
-        self.method = build_method(self.cfg, self.base)
-        MODEL_BUILDS[self.model_name] = MODEL_BUILDS.get(self.model_name, 0) + 1
-        log.info("client process %d built base model %s", os.getpid(), self.model_name)
+        self.base = base.to(self.device)
+        self.method = build_method(cfg, self.base, layer_map)
+        self.peft_model: PeftModel | None = None
+        self.data: dict[tuple, list[Encoded]] = {}
+        MODEL_BUILDS[name] = MODEL_BUILDS.get(name, 0) + 1
+        log.info("client process %d built base model %s", os.getpid(), name)
 
     def adapter(self, rank: int) -> tuple[PeftModel, str]:
         """The peft model with the adapter for `rank` active (created on first use), and its name."""
@@ -54,26 +55,28 @@ class Worker:
         self.peft_model.set_adapter(name)
         return self.peft_model, name
 
-    def training_data(self, cfg: RunConfig, partition_id: int, num_partitions: int, data_path: str) -> list[Encoded]:
-        """This client's encoded training examples: its own file, or its share of the run's dataset."""
-        key = (data_path, cfg.dataset, cfg.partition, partition_id, num_partitions, cfg.seed, cfg.train_per_task)
+    def training_data(self, cfg: RunConfig, node: NodeSettings) -> list[Encoded]:
+        """This client's training examples, encoded once."""
+        key = (node.data_path, cfg.dataset, cfg.partition, node.partition_id, node.num_partitions, cfg.seed,
+               cfg.train_per_task, cfg.baseline)
         if key not in self.data:
-            examples: list[Example]
-            if data_path and cfg.baseline == "centralized":
-                raise ValueError("baseline 'centralized' pools the run's dataset, which a node's own data-path is not "
-                                 "part of; run the baseline in simulation")
-            if data_path:
-                examples = load_examples(data_path)
-            else:
-                train, _ = load_splits(
-                    cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
-                    test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction,
-                )
-                pooled = cfg.baseline == "centralized"
-                examples = train if pooled else client_share(train, cfg.partition, partition_id, num_partitions, cfg.seed)
             limit = getattr(self.base.config, "max_position_embeddings", 512)
-            self.data[key] = encode(self.tokenizer, examples, min(limit, 512))
+            self.data[key] = encode(self.tokenizer, client_examples(cfg, node), min(limit, 512))
         return self.data[key]
+
+
+def client_examples(cfg: RunConfig, node: NodeSettings) -> list[Example]:
+    """The node's own file, or its share of the run's dataset (all of it for the centralized baseline)."""
+    if node.data_path and cfg.baseline == "centralized":
+        raise ValueError("baseline 'centralized' pools the run's dataset, which a node's own data-path is not "
+                         "part of; run the baseline in simulation")
+    if node.data_path:
+        return load_examples(node.data_path)
+    train, _ = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
+                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+    if cfg.baseline == "centralized":
+        return train
+    return client_share(train, cfg.partition, node.partition_id, node.num_partitions, cfg.seed)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class NodeSettings:
     num_partitions: int
     rank: int
     data_path: str
+    client_model: str = FULL  # 'full' or 'emulator:<keep>'
 
     @classmethod
     def from_context(cls, context: Context, cfg: RunConfig) -> NodeSettings:
@@ -94,6 +98,7 @@ class NodeSettings:
             num_partitions=int(node.get("num-partitions", 1)),
             rank=int(node.get("lora-rank", cfg.rank_for_partition(partition_id))),
             data_path=str(node.get("data-path", "")),
+            client_model=str(node.get("client-model", cfg.client_model_for_partition(partition_id))),
         )
 
 
@@ -108,13 +113,13 @@ class LocalResult:
 
 
 def local_round(
-    cfg: RunConfig, node: NodeSettings, received: dict[str, torch.Tensor], server_round: int, steps: int,
+    cfg: RunConfig, node: NodeSettings, worker: Worker, received: dict[str, torch.Tensor], server_round: int,
+    steps: int,
 ) -> LocalResult:
     """Train `steps` steps from the received state. Seeded per (seed, round, partition), so a round
     can be replayed exactly."""
     started = time.perf_counter()
-    worker = worker_for(cfg)
-    data = worker.training_data(cfg, node.partition_id, node.num_partitions, node.data_path)
+    data = worker.training_data(cfg, node)
     model, adapter = worker.adapter(node.rank)
     worker.method.install(model, adapter, received)
     seed = cfg.seed * 100_003 + server_round * 1009 + node.partition_id
@@ -131,8 +136,32 @@ _WORKERS: dict[str, Worker] = {}
 
 
 def worker_for(cfg: RunConfig) -> Worker:
-    """The process-wide worker of a run (its base model and PEFT method), built on first use."""
+    """The process-wide worker of a run on the full base model, built on first use."""
     key = cfg.digest()
     if key not in _WORKERS:
-        _WORKERS[key] = Worker(cfg.model, cfg)
+        base, tokenizer = load_model(cfg.model, pick_device())
+        _WORKERS[key] = Worker(cfg, cfg.model, base, tokenizer)
+    return _WORKERS[key]
+
+
+def emulator_cache() -> Path:
+    """Where a node keeps the emulators it was sent (for client processes that start per message)."""
+    return cache_dir() / "emulators"
+
+
+def emulator_worker(cfg: RunConfig, identity: dict, weights: dict[str, torch.Tensor] | None) -> Worker:
+    """The worker of the emulator a train message names: built from the weights it carries (the
+    first message of a run), else from this process or the node's cache; the digest is checked."""
+    digest = str(identity["digest"])
+    key = f"{cfg.digest()}:{digest}"
+    if key not in _WORKERS:
+        if weights is not None:
+            emulator = verified(str(identity["config"]), tuple(int(i) for i in identity["kept"]),
+                                str(identity["prefix"]), weights, digest)
+            save_cached(emulator, emulator_cache())
+        elif (emulator := load_cached(emulator_cache(), digest)) is None:
+            raise EmulatorError(f"emulator {digest[:12]} is not on this node (its cache {emulator_cache()} was "
+                                "cleared?); the server sends it again in the node's next round")
+        model = instantiate(emulator)
+        _WORKERS[key] = Worker(cfg, f"emulator:{digest[:12]}", model, load_tokenizer(cfg.model), emulator.layer_map)
     return _WORKERS[key]

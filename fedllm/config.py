@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fedllm.emulator import ClientModel, parse_client_models
 from fedllm.server_optim import OPTIMIZERS, ServerOptimizer
 from fedllm.wire import UploadCodec
 
@@ -85,6 +86,13 @@ def parse_faults(value: str) -> list[tuple[int, str]]:
 def _is_fault_list(value: str) -> bool:
     parse_faults(value)  # raises ConfigError with the details
     return True
+
+
+def _is_client_model_list(value: str) -> bool:
+    try:
+        return bool(parse_client_models(value))
+    except ValueError:
+        return False
 
 
 def _is_method(value: str) -> bool:
@@ -184,6 +192,16 @@ class RunConfig:
     client_ranks: str = _key(
         "client-ranks", "", _is_rank_list, "'' or comma-separated ranks, e.g. '4,8,16'",
         "simulation: LoRA rank per partition, cycling (a node's node-config lora-rank wins)",
+    )
+    client_model: str = _key(
+        "client-model", "full", _is_client_model_list,
+        "'full', 'emulator:<keep>' (<keep> a fraction in (0, 1] or a layer count >= 2), or a comma-separated list",
+        "what clients train on: the base model, or an emulator keeping the first, last and evenly spread middle "
+        "layers (Offsite-Tuning); a list cycles over partitions (a node's node-config client-model wins)",
+    )
+    emulator_distill_steps: int = _key(
+        "emulator-distill-steps", 0, lambda v: v >= 0, "an integer >= 0 (0: off)",
+        "emulators: steps of layer-wise distillation of their middle layers on the public warm-up tasks, on the server",
     )
     baseline: str = _key(
         "baseline", "none", lambda v: v in BASELINES, "none, centralized or local-only",
@@ -309,6 +327,7 @@ class RunConfig:
         config.check_secure_keys()
         config.check_dp_keys()
         config.check_baseline_keys()
+        config.check_client_model_keys()
         if config.resume and not (config.output_dir or config.resume_from):
             raise ConfigError("resume = true needs output-dir set to the folder of the run to continue (or use resume-from)")
         return config
@@ -390,6 +409,38 @@ class RunConfig:
         if self.baseline != "none" and (self.secure_aggregation or self.dp != "none"):
             raise ConfigError(f"run-config baseline = {self.baseline!r} is a non-private reference; "
                               "set secure-aggregation = false and dp = 'none' for it")
+
+    def check_client_model_keys(self) -> None:
+        """Emulators carry LoRA-family adapters, merged per layer over the clients that have it."""
+        if all(model.is_full for model in self.client_models()):
+            if self.emulator_distill_steps:
+                raise ConfigError("run-config emulator-distill-steps needs emulator clients (client-model "
+                                  "'emulator:<keep>'); leave it 0 with client-model 'full'")
+        elif why := self.emulator_refusal():
+            raise ConfigError(f"run-config client-model {self.client_model!r} (emulator clients) {why}")
+
+    def emulator_refusal(self) -> str | None:
+        """Why this run cannot have emulator clients, or None if it can."""
+        problems = {
+            f"peft-method {self.peft_method!r}": self.peft_method not in ("lora", "ffa-lora"),
+            "secure-aggregation": self.secure_aggregation,
+            f"dp {self.dp!r}": self.dp != "none",
+            f"baseline {self.baseline!r}": self.baseline != "none",
+        }
+        if bad := [what for what, set_ in problems.items() if set_]:
+            return (f"does not combine with {', '.join(bad)}: emulators take peft-method lora or ffa-lora, and their "
+                    "updates of some layers only are merged per layer, which secure sums, DP's sensitivity bound and "
+                    "the baselines do not do")
+        return None
+
+    def client_models(self) -> list[ClientModel]:
+        """`client-model` as a list, cycled over partitions."""
+        return parse_client_models(self.client_model)
+
+    def client_model_for_partition(self, partition_id: int) -> str:
+        """This partition's client model in simulation (a node's node-config client-model wins)."""
+        models = self.client_models()
+        return str(models[partition_id % len(models)])
 
     def client_learning_rate(self) -> float:
         """`learning-rate`, else the method's default."""

@@ -60,6 +60,9 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     "tiny": BuiltinSpec(),
     # seconds to build; for smoke tests of the plumbing, not for accuracy
     "micro": BuiltinSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, pretrain_steps=20, batch_size=16),
+    "micro-4l": BuiltinSpec(hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, pretrain_steps=20, batch_size=16),
+    # tiny's width with 8 layers: a server model that emulators of 1/2 and 1/4 of its layers can stand in for
+    "tiny-8l": BuiltinSpec(num_layers=8),
 }
 
 
@@ -151,6 +154,17 @@ def resolve_model(name: str) -> str:
     return str(target)
 
 
+def _unloadable(name: str, error: OSError) -> ValueError:
+    return ValueError(f"model {name!r} could not be loaded ({error}); give a local folder saved with "
+                      f"save_pretrained, a reachable Hugging Face name, or 'builtin:tiny'")
+
+
+def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name: str, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load base model and tokenizer in float32 on `device`, ready for adapters."""
     path = resolve_model(name)
@@ -158,13 +172,21 @@ def load_model(name: str, device: torch.device | str = "cpu") -> tuple[PreTraine
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except OSError as error:
-        raise ValueError(
-            f"model {name!r} could not be loaded ({error}); give a local folder saved with "
-            f"save_pretrained, a reachable Hugging Face name, or 'builtin:tiny'"
-        ) from error
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+        raise _unloadable(name, error) from error
+    return model.to(device), _with_pad(tokenizer)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of model `name` without its weights (an emulator client never loads the full
+    model); for a builtin model not built on this machine, the same character tokenizer made afresh."""
+    if name.startswith(BUILTIN_PREFIX) and name[len(BUILTIN_PREFIX):] in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name[len(BUILTIN_PREFIX):]]
+        folder = cache_dir() / f"{name[len(BUILTIN_PREFIX):]}-{spec.key()}"
+        return AutoTokenizer.from_pretrained(folder) if (folder / "config.json").exists() else char_tokenizer()
+    try:
+        return _with_pad(AutoTokenizer.from_pretrained(resolve_model(name)))
+    except OSError as error:
+        raise _unloadable(name, error) from error
 
 
 def pick_device() -> torch.device:

@@ -20,6 +20,7 @@ from server.loop import run_rounds
 from server.model import ServerModel
 from server.record import RunRecorder, output_dir_for
 from server.baselines import build_strategy
+from server.emulators import EmulatorFleet
 
 app = ServerApp()
 
@@ -48,6 +49,8 @@ def main(grid: Grid, context: Context) -> None:
     server = ServerModel(cfg, test)
     strategy = build_strategy(cfg, server.method)
     strategy.context = context
+    if cfg.emulator_refusal() is None:  # nodes may train on emulators (the run's client-model, or their own)
+        strategy.emulators = EmulatorFleet(cfg, server)  # before any update is installed: emulators take W0
     grid = MeteredGrid(grid, Path(cfg.audit_dir).expanduser() if cfg.audit_dir else None)
     recorder = RunRecorder(out_dir, cfg)
     global_delta = run_rounds(grid, strategy, server, recorder, cfg.num_server_rounds, cfg.round_timeout, resumed)
@@ -58,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
         refactor_error=recorder.rounds[-1].get("refactor_error", {}),
         nodes=sorted((asdict(info) for info in strategy.nodes.values()), key=lambda n: n["partition_id"]),
         wall_seconds=time.perf_counter() - started,
+        **({"emulators": strategy.emulators.report()} if strategy.emulators is not None else {}),
     )
     log(INFO, "done: accuracy %.3f -> %.3f over %d rounds; outputs in %s",
         summary["base_accuracy"], summary["final_accuracy"], summary["rounds"], out_dir)

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 
 from fedllm.adapters import Delta
 from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
+from fedllm.emulator import FULL
 from server.grid import MeteredGrid, exchange
 from server.model import ServerModel
 from server.record import RunRecorder
@@ -47,14 +48,28 @@ def refresh_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float, wait
             log(WARNING, "node %d could not start: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         info = reply.content["node"]
-        strategy.nodes[reply.metadata.src_node_id] = NodeInfo(
-            int(info["partition-id"]), int(info["lora-rank"]), int(info["num-examples"])
-        )
-        log(INFO, "node %d joined: partition %s, rank %s, %s examples", reply.metadata.src_node_id,
-            info["partition-id"], info["lora-rank"], info["num-examples"])
+        node = NodeInfo(int(info["partition-id"]), int(info["lora-rank"]), int(info["num-examples"]),
+                        client_model_of(reply))
+        try:
+            if strategy.emulators is not None:
+                strategy.emulators.layer_map(node.client_model)
+            elif node.client_model != FULL:
+                raise ValueError(f"client-model {node.client_model!r} {strategy.cfg.emulator_refusal()}")
+        except ValueError as error:
+            log(WARNING, "node %d cannot take part: %s", reply.metadata.src_node_id, error)
+            continue
+        strategy.nodes[reply.metadata.src_node_id] = node
+        log(INFO, "node %d joined: partition %s, rank %s, %s examples, %s", reply.metadata.src_node_id,
+            info["partition-id"], info["lora-rank"], info["num-examples"], node.client_model)
     strategy.online = online & set(strategy.nodes)
     if len(strategy.online) < strategy.min_train_nodes:
         raise RuntimeError(f"only {len(strategy.online)} usable node(s); min-clients = {strategy.min_train_nodes}")
+
+
+def client_model_of(reply: Message) -> str:
+    """The client model a node reported ('full' from nodes that say nothing of it)."""
+    record = reply.content.config_records.get("node-model")
+    return str(record.get("client-model", FULL)) if record is not None else FULL
 
 
 def run_rounds(

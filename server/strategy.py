@@ -23,7 +23,9 @@ from fedllm.adapters import Delta
 from fedllm.config import RunConfig
 from fedllm.merge import RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
+from fedllm.emulator import LayerMap
 from server.dp import ServerDp
+from server.emulators import EmulatorFleet, restrict
 from server.model import ServerModel
 from server.validation import (
     NodeInfo, ReplyRejected, check_examples, check_norm, check_rank, check_train_loss, checked_upload,
@@ -59,6 +61,7 @@ class ModelSpaceStrategy(Strategy):
         self.outbox: list[Message] = []  # this round's train messages (message ids are set when pushed)
         self.current: Delta = {}  # ΔW_g as of configure_train
         self.refactor_seconds = 0.0  # this round's time to compute what each rank is sent
+        self.emulators: EmulatorFleet | None = None  # set by the ServerApp when nodes may train on emulators
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded choice among the online nodes, in partition order, so runs are reproducible."""
@@ -84,10 +87,7 @@ class ModelSpaceStrategy(Strategy):
         settings = {**dict(config), **self.train_config(server_round, node_ids)}
         messages = []
         for node_id in node_ids:
-            content = RecordDict({
-                "arrays": ArrayRecord(self.sent_to(node_id).state),
-                "config": ConfigRecord(settings),
-            })
+            content = RecordDict({**self.state_records(node_id), "config": ConfigRecord(settings)})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self.outbox = messages  # to name the node of an error reply the SuperLink wrote for it
         return messages
@@ -104,9 +104,25 @@ class ModelSpaceStrategy(Strategy):
         """The state to send `node_id` this round."""
         return self.sent[self.nodes[node_id].rank]
 
+    def state_records(self, node_id: int) -> dict[str, Any]:
+        """The records carrying `node_id`'s state: `arrays`, and for an emulator node its identity
+        (and, the first time, its weights), with the state of its layers only."""
+        state = self.sent_to(node_id).state
+        if self.emulators is None:
+            return {"arrays": ArrayRecord(state)}
+        return self.emulators.records(node_id, self.nodes[node_id].client_model, state)
+
+    def layer_map(self, node_id: int) -> LayerMap | None:
+        """The emulator layers `node_id` trains on (None: the full model)."""
+        info = self.nodes.get(node_id)
+        return self.emulators.layer_map(info.client_model) if self.emulators and info else None
+
     def sent_for(self, node_id: int, metrics: MetricRecord) -> Sent:
-        """The state the replying node was sent this round (by the rank it reports)."""
-        return self.sent[check_rank(node_id, metrics, sorted(self.sent))]
+        """The state the replying node was sent this round (by the rank it reports); for an
+        emulator node the part of it for the layers it keeps."""
+        sent = self.sent[check_rank(node_id, metrics, sorted(self.sent))]
+        layer_map = self.layer_map(node_id)
+        return sent if layer_map is None else restrict(sent, layer_map)
 
     def sent_states(self, server_round: int, global_delta: Delta, ranks: Iterable[int]) -> dict[int, Sent]:
         """The method's state for ΔW_g at each rank (seeded per round: random directions of a
@@ -119,16 +135,25 @@ class ModelSpaceStrategy(Strategy):
         metrics, uploaded tensors, example count, update norm)."""
         node = self.reply_node(reply)
         if reply.has_error():
+            if self.emulators is not None:
+                self.emulators.forget(node)
             raise ReplyRejected(f"node {node} failed: {error_summary(reply.error.reason)}")
         arrays, metrics = reply_records(node, reply.content)
         check_train_loss(node, metrics)
         sent = self.sent_for(node, metrics)
         additive = self.cfg.additive_uploads()
-        upload = checked_upload(node, arrays, self.method.upload_shapes(sent, additive), self.codec)
+        upload = self.checked_upload(node, arrays, self.method.upload_shapes(sent, additive))
         examples = check_examples(node, metrics, self.nodes.get(node))
         tau = self.method.update_from_upload(upload, sent, additive)
         check_norm(node, tau, self.cfg.max_update_norm)
         return tau, float(examples)
+
+    def checked_upload(self, node: int, arrays: ArrayRecord, shapes: dict[str, torch.Size]) -> Delta:
+        """The node's upload under the server's names (an emulator's are renamed from its own)."""
+        layer_map = self.layer_map(node)
+        if layer_map is None:
+            return checked_upload(node, arrays, shapes, self.codec)
+        return layer_map.full_names(checked_upload(node, arrays, layer_map.emulator_names(shapes), self.codec))
 
     def reply_node(self, reply: Message) -> int:
         """The node a reply answers for: its sender, or, for an error the SuperLink wrote in the
@@ -149,14 +174,21 @@ class ModelSpaceStrategy(Strategy):
         if self.dp is not None and self.cfg.dp == "central":
             scale = float(self.operator_params.get("scale", 1.0))
             return {k: scale * v for k, v in self.dp.central_mean(updates).items()}
-        w = torch.tensor(weights)
         return {
-            module: self.operator(
-                torch.stack([u[module] for u in updates]), w, **self.operator_params,
-                **self.round_seed(server_round, index),
-            )
+            module: self.merge_module(server_round, index, module, updates, weights)
             for index, module in enumerate(self.current)
         }
+
+    def merge_module(self, server_round: int, index: int, module: str, updates: list[Delta], weights: list[float]) -> torch.Tensor:
+        """The operator over the updates that have `module`, with their weights (the operators
+        normalise them: a layer only some clients trained is their weighted merge); zero if none has it."""
+        having = [k for k, update in enumerate(updates) if module in update]
+        if not having:
+            return torch.zeros_like(self.current[module])
+        return self.operator(
+            torch.stack([updates[k][module] for k in having]), torch.tensor([weights[k] for k in having]),
+            **self.operator_params, **self.round_seed(server_round, index),
+        )
 
     def round_seed(self, server_round: int, module_index: int) -> dict[str, int]:
         """A fresh, reproducible seed per round and module for randomized operators (DARE, DELLA)."""

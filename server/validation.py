@@ -24,6 +24,7 @@ class NodeInfo:
     partition_id: int
     rank: int
     num_examples: int
+    client_model: str = "full"  # 'full' or 'emulator:<keep>' (fedllm.emulator.ClientModel)
 
 
 class ReplyRejected(ValueError):

@@ -51,7 +51,7 @@ def replay_client(cfg: RunConfig):
     method.evaluation_model(base)
     sent = ModelSpaceStrategy(cfg, method).sent_states(1, method.zero_update(), [cfg.lora_rank])[cfg.lora_rank]
     node = NodeSettings(partition_id=0, num_partitions=1, rank=cfg.lora_rank, data_path="")
-    update = local_round(cfg, node, sent.state, server_round=1, steps=cfg.local_steps).update
+    update = local_round(cfg, node, worker_for(cfg), sent.state, server_round=1, steps=cfg.local_steps).update
     return worker_for(cfg).peft_model, method, sent, update
 
 

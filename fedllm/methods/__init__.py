@@ -13,13 +13,18 @@ from fedllm.methods.prompt import PrefixTuning, PromptLearning, PromptTuning, PT
 
 if TYPE_CHECKING:
     from fedllm.config import RunConfig
+    from fedllm.emulator import LayerMap
 
 METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (Lora, FfaLora, PromptTuning, PrefixTuning, PTuning)}
 
 
-def build_method(cfg: RunConfig, model: torch.nn.Module) -> PeftMethod:
-    """The run's `peft-method` for this base model."""
-    return METHODS[cfg.peft_method].for_model(cfg, model)
+def build_method(cfg: RunConfig, model: torch.nn.Module, layer_map: LayerMap | None = None) -> PeftMethod:
+    """The run's `peft-method` for this base model; for an emulator, `layer_map` gives each
+    module's full-model name (what FFA-LoRA seeds its frozen `A` from)."""
+    method = METHODS[cfg.peft_method].for_model(cfg, model)
+    if layer_map is not None:
+        method.full_name = layer_map.to_full
+    return method
 
 
 __all__ = [

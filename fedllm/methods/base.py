@@ -18,6 +18,7 @@ subclass and nothing else changes. The contract (see DESIGN.md, "The update spac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -52,6 +53,7 @@ class PeftMethod(ABC):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.full_name: Callable[[str], str] = str  # a module's name in the full model (emulators rename)
 
     @classmethod
     @abstractmethod

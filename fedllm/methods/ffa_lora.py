@@ -38,7 +38,8 @@ class FfaLora(Lora):
         row spaces nest (clients of different ranks update a common subspace)."""
         if (module, rank) not in self._frozen:  # drawn once: every reply of every round uses it
             d_in = self.layers[module].in_features
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}:{module}".encode()))
+            seed = zlib.crc32(f"{self.cfg.seed}:{self.full_name(module)}".encode())  # the same on an emulator
+            generator = torch.Generator().manual_seed(seed)
             rows = [torch.rand(d_in, generator=generator) for _ in range(rank)]
             self._frozen[(module, rank)] = (torch.stack(rows) * 2 - 1) / math.sqrt(d_in)
         return self._frozen[(module, rank)]
@@ -74,7 +75,7 @@ class FfaLora(Lora):
         scaling = self.scaling(sent.rank)
         return {
             m: self.in_layout(m, scaling * upload[factor_key(m, "B")] @ self.frozen_a(m, sent.rank))
-            for m in self.layers
+            for m in self.layers if factor_key(m, "B") in upload  # an emulator client uploads its layers only
         }
 
     def upload(self, trained: Tensors, received: Tensors, additive: bool) -> Tensors:

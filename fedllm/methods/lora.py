@@ -27,7 +27,8 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from fedllm.adapters import (
-    PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, merge_into, refactor, target_layers,
+    PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, merge_into, module_names, refactor,
+    target_layers,
 )
 from fedllm.methods.base import PeftMethod, Sent, Tensors, check_keys
 
@@ -119,7 +120,7 @@ class Lora(PeftMethod):
         """The update a peft state stands for: `s·B·A` per module, and for DoRA `m − ‖W0‖_row`."""
         update = deltas_from_state(state, self.scaling(rank), self.layouts)
         if self.dora:
-            update |= {m + MAGNITUDE: state[magnitude_key(m)] - self.base_norms[m] for m in self.layers}
+            update |= {m + MAGNITUDE: state[magnitude_key(m)] - self.base_norms[m] for m in module_names(state)}
         return update
 
     def sent_state(self, global_update: Tensors, rank: int, seed: int) -> Sent:
@@ -157,6 +158,11 @@ class Lora(PeftMethod):
     def evaluation_model(self, base: torch.nn.Module) -> torch.nn.Module:
         self.w0 = base_weights_of(base, tuple(sorted({m.rsplit(".", 1)[-1] for m in self.layers})))
         return base
+
+    def base_state_dict(self, model: torch.nn.Module) -> Tensors:
+        """The evaluation model's state dict with the original `W0` in the target layers (it
+        holds `W0 + ΔW_g` once a global update is installed)."""
+        return {**model.state_dict(), **{f"{m}.weight": w0 for m, w0 in self.w0.items()}}
 
     def install_global(self, model: torch.nn.Module, global_update: Tensors) -> None:
         merge_into(model, self.w0, self.effective_update(global_update))
