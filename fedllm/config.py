@@ -209,7 +209,8 @@ class RunConfig:
         "together (centralized), or every client trains alone and is scored on the test split (local-only)",
     )
     model: str = _key(
-        "model", "builtin:tiny", lambda v: bool(v.strip()), "'builtin:tiny', a Hugging Face name or a local path",
+        "model", "builtin:tiny", lambda v: bool(v.strip()),
+        "'builtin:tiny' (or tiny-8l, micro, micro-4l), a Hugging Face name or a local path",
         "base model",
     )
     dataset: str = _key(

@@ -134,5 +134,7 @@ class EmulatorFleet:
         self.holders.pop(node_id, None)
 
     def report(self) -> dict[str, Any]:
-        """What summary.json says about the run's emulators."""
-        return {spec: build.report(self.full_bytes) for spec, build in self.builds.items()}
+        """What summary.json says about the client models of the run: the full one, and each emulator."""
+        layers = len(decoder_layers(self.server.model)[1])
+        full = {"layers": list(range(layers)), "base_bytes": self.full_bytes, "share_of_full_model": 1.0}
+        return {"full": full, **{spec: build.report(self.full_bytes) for spec, build in self.builds.items()}}

@@ -51,10 +51,7 @@ def refresh_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float, wait
         node = NodeInfo(int(info["partition-id"]), int(info["lora-rank"]), int(info["num-examples"]),
                         client_model_of(reply))
         try:
-            if strategy.emulators is not None:
-                strategy.emulators.layer_map(node.client_model)
-            elif node.client_model != FULL:
-                raise ValueError(f"client-model {node.client_model!r} {strategy.cfg.emulator_refusal()}")
+            strategy.admit(node)
         except ValueError as error:
             log(WARNING, "node %d cannot take part: %s", reply.metadata.src_node_id, error)
             continue

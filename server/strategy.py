@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedllm.adapters import Delta
 from fedllm.config import RunConfig
+from fedllm.emulator import FULL, LayerMap
 from fedllm.merge import RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
-from fedllm.emulator import LayerMap
 from server.dp import ServerDp
 from server.emulators import EmulatorFleet, restrict
 from server.model import ServerModel
@@ -111,6 +111,14 @@ class ModelSpaceStrategy(Strategy):
         if self.emulators is None:
             return {"arrays": ArrayRecord(state)}
         return self.emulators.records(node_id, self.nodes[node_id].client_model, state)
+
+    def admit(self, node: NodeInfo) -> None:
+        """Raise `ValueError` saying why if this run cannot train `node`'s client model (the
+        emulator it asks for is built here, once per run)."""
+        if self.emulators is not None:
+            self.emulators.layer_map(node.client_model)
+        elif node.client_model != FULL:
+            raise ValueError(f"client-model {node.client_model!r} {self.cfg.emulator_refusal()}")
 
     def layer_map(self, node_id: int) -> LayerMap | None:
         """The emulator layers `node_id` trains on (None: the full model)."""

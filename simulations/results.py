@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "simulations"))
 
 from fedllm.study import execute, load_study, plot_study, settings_table  # noqa: E402
 
-STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy")  # then any other study file
+STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy", "emulator")  # then any other study file
 
 
 class NotRun(RuntimeError):
@@ -73,6 +73,11 @@ def study_section(study_file: Path, folder: Path, docs: Path) -> list[str]:
     plot_study(done, study, folder / "runs", figures)
     text += [f"![accuracy per round](results/{name}/accuracy_per_round.png)", "",
              f"![accuracy against upload](results/{name}/accuracy_vs_upload.png)", ""]
+    if name == "emulator":
+        import emulator_report
+
+        text += [emulator_report.report(folder, steps=30, figure=figures / "emulator.png"), "",
+                 f"![emulator clients](results/{name}/emulator.png)", ""]
     if name == "privacy":
         import privacy_report
 
@@ -84,9 +89,12 @@ def study_section(study_file: Path, folder: Path, docs: Path) -> list[str]:
 
 def bench_section(path: Path) -> list[str]:
     results = json.loads(path.read_text())
+    first = results[0]
+    command = (f"python simulations/bench_simulation.py --clients {first['clients']} --per-round {first['per_round']} "
+               f"--rounds {first['rounds']} --cpus-per-client {' '.join(str(r['cpus_per_client']) for r in results)}")
     text = ["## Simulation at scale", "",
-            f"`python simulations/bench_simulation.py --json {path.name}` (simulations/bench_simulation.py says how "
-            "each figure is measured). Steady state: rounds 2 and later.", "",
+            f"`{command}` (simulations/bench_simulation.py says how each figure is measured; the machine was "
+            "otherwise idle). Steady state: rounds 2 and later.", "",
             "| clients | per round | CPUs per client | peak memory (RSS, all processes) | s / round | training | "
             "aggregation | evaluation | overhead |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
