@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 
 import pytest
 
 from fedllm.cli import main as fedllm_main
 from fedllm.config import ConfigError
 from fedllm.study import load_study
+from tests.conftest import PROJECT
 
 
 def read_rows(folder):
@@ -101,3 +103,14 @@ model = "builtin:nonexistent"
     rerun = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(r["status"] for r in rerun if r["run"] in summaries) == ["skipped (complete)"] * 4
     assert all((out / "runs" / n / "summary.json").stat().st_mtime_ns == t for n, t in stamps.items())
+
+    # docs/RESULTS.md's section of a study is recomputed from the same summaries
+    sys.path.insert(0, str(PROJECT / "simulations"))
+    import results
+
+    section = "\n".join(results.study_section(study_file, out, tmp_path / "docs"))
+    assert "4 of 5 runs finished" in section and "Not run (or failed)" in section
+    for baseline in ("centralized", "local-only"):
+        accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
+        assert f"| 2 | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in section
+    assert (tmp_path / "docs" / "results" / "tiny" / "accuracy_per_round.png").exists()
