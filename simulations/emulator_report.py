@@ -152,16 +152,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def pretraining_text(models: set[str]) -> str:
-    """How the builtin base models' pre-training on the warm-up tasks ended (their check)."""
-    from fedllm.models import resolve_model
+    """The check of each base model: exact match on examples of the warm-up tasks it was
+    pre-trained on (it must know the answer format; the suite's tasks it must not know)."""
+    from fedllm.data import WARMUP_TASKS
+    from fedllm.data.tasks import generate
+    from fedllm.models import load_model
+    from fedllm.train import evaluate, mean_accuracy
 
     parts = []
     for model in sorted(models):
-        record = Path(resolve_model(model)) / "fedllm_builtin.json"
-        if record.exists():
-            spec = json.loads(record.read_text())
-            parts.append(f"`{model}` ({spec['num_layers']} layers) ended pre-training at loss {spec['final_loss']:.3f}")
-    return "Base models: " + "; ".join(parts) + "." if parts else ""
+        base, tokenizer = load_model(model)
+        warmup = mean_accuracy(evaluate(base, tokenizer, generate(WARMUP_TASKS, per_task=20, seed=12345)))
+        parts.append(f"`{model}` ({base.config.num_hidden_layers} layers) answers {warmup:.0%} of warm-up "
+                     "examples (drawn with another seed than its pre-training) exactly")
+    return "Base models, checked on the tasks they were pre-trained on: " + "; ".join(parts) + "." if parts else ""
 
 
 def report(study_dir: Path, steps: int, figure: Path | None = None) -> str:
