@@ -162,6 +162,6 @@ def emulator_worker(cfg: RunConfig, identity: dict, weights: dict[str, torch.Ten
         elif (emulator := load_cached(emulator_cache(), digest)) is None:
             raise EmulatorError(f"emulator {digest[:12]} is not on this node (its cache {emulator_cache()} was "
                                 "cleared?); the server sends it again in the node's next round")
-        model = instantiate(emulator)
-        _WORKERS[key] = Worker(cfg, f"emulator:{digest[:12]}", model, load_tokenizer(cfg.model), emulator.layer_map)
+        model, layer_map = instantiate(emulator), emulator.layer_map.with_adapters(cfg.emulator_adapters)
+        _WORKERS[key] = Worker(cfg, f"emulator:{digest[:12]}", model, load_tokenizer(cfg.model), layer_map)
     return _WORKERS[key]

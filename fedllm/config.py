@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedllm.emulator import ClientModel, parse_client_models
+from fedllm.emulator import ADAPTER_PLACES, ClientModel, parse_client_models
 from fedllm.server_optim import OPTIMIZERS, ServerOptimizer
 from fedllm.wire import UploadCodec
 
@@ -202,6 +202,11 @@ class RunConfig:
     emulator_distill_steps: int = _key(
         "emulator-distill-steps", 0, lambda v: v >= 0, "an integer >= 0 (0: off)",
         "emulators: steps of layer-wise distillation of their middle layers on the public warm-up tasks, on the server",
+    )
+    emulator_adapters: str = _key(
+        "emulator-adapters", "kept", lambda v: v in ADAPTER_PLACES, "kept or ends",
+        "emulators: adapters on every kept layer, or on the first and last only (Offsite-Tuning's adapter: the "
+        "layers that are exact copies of the full model's)",
     )
     baseline: str = _key(
         "baseline", "none", lambda v: v in BASELINES, "none, centralized or local-only",
@@ -414,9 +419,9 @@ class RunConfig:
     def check_client_model_keys(self) -> None:
         """Emulators carry LoRA-family adapters, merged per layer over the clients that have it."""
         if all(model.is_full for model in self.client_models()):
-            if self.emulator_distill_steps:
-                raise ConfigError("run-config emulator-distill-steps needs emulator clients (client-model "
-                                  "'emulator:<keep>'); leave it 0 with client-model 'full'")
+            if self.emulator_distill_steps or self.emulator_adapters != "kept":
+                raise ConfigError("run-config emulator-distill-steps and emulator-adapters need emulator clients "
+                                  "(client-model 'emulator:<keep>'); leave them at 0 and 'kept' with client-model 'full'")
         elif why := self.emulator_refusal():
             raise ConfigError(f"run-config client-model {self.client_model!r} (emulator clients) {why}")
 

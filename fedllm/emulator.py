@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 FULL = "full"
 EMULATOR_PREFIX = "emulator:"
+ADAPTER_PLACES = ("kept", "ends")  # emulator-adapters: where an emulator client's adapters go
 # A train message names its emulator in EMULATOR_RECORD (the digest; the first time also its layers and
 # config) and, in a node's first message only, carries its base weights in WEIGHTS_RECORD.
 EMULATOR_RECORD = "emulator"
@@ -115,6 +116,7 @@ class LayerMap:
 
     prefix: str  # the decoder layers' dotted path, e.g. "model.layers"
     kept: tuple[int, ...]
+    adapted: tuple[int, ...] = ()  # the full-model layers that carry adapters; () = every kept layer
 
     def _renamed(self, name: str, index_of) -> str | None:  # noqa: ANN001 - int -> int | None
         pattern = re.compile(rf"(^|\.){re.escape(self.prefix)}\.(\d+)(?=\.|$)")
@@ -148,6 +150,16 @@ class LayerMap:
 
     def keeps(self, name: str) -> bool:
         return self.to_emulator(name) is not None
+
+    def adapts(self, name: str) -> bool:
+        """Whether a full-model name belongs to a layer this emulator's client trains (or to none)."""
+        match = re.search(rf"(^|\.){re.escape(self.prefix)}\.(\d+)(?=\.|$)", name)
+        return match is None or int(match.group(2)) in (self.adapted or self.kept)
+
+    def with_adapters(self, where: str) -> LayerMap:
+        """The map with adapters on every kept layer (`'kept'`) or, as Offsite-Tuning's adapter,
+        on the first and the last layer only (`'ends'`): the exact copies of the full model's."""
+        return replace(self, adapted=self.kept if where == "kept" else (self.kept[0], self.kept[-1]))
 
 
 @dataclass(frozen=True)

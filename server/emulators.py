@@ -55,8 +55,8 @@ class EmulatorBuild:
 
 
 def restrict(sent: Sent, layer_map: LayerMap) -> Sent:
-    """The part of `sent` an emulator trains: the tensors of its kept layers (full-model names)."""
-    keep = lambda tensors: {k: v for k, v in tensors.items() if layer_map.keeps(k)}  # noqa: E731
+    """The part of `sent` an emulator trains: the tensors of its adapted layers (full-model names)."""
+    keep = lambda tensors: {k: v for k, v in tensors.items() if layer_map.adapts(k)}  # noqa: E731
     return replace(sent, state=keep(sent.state), reference=keep(sent.reference))
 
 
@@ -79,7 +79,7 @@ class EmulatorFleet:
             return None
         if spec not in self.builds:
             self.builds[spec] = self.build(model)
-        return self.builds[spec].emulator.layer_map
+        return self.builds[spec].emulator.layer_map.with_adapters(self.cfg.emulator_adapters)
 
     def build(self, model: ClientModel) -> EmulatorBuild:
         started = time.perf_counter()

@@ -43,6 +43,7 @@ def load_rows(study_dir: Path) -> list[dict]:
         rows.append({
             "run": row["run"], "model": summary["config"]["model"], "client_model": spec,
             "distill_steps": summary["config"]["emulator-distill-steps"],
+            "adapters": summary["config"].get("emulator-adapters", "kept"),
             "base_accuracy": summary["base_accuracy"], "accuracy": summary["final_accuracy"],
             "weights_bytes": build["base_bytes"], "layers": build["layers"], "digest": build.get("digest", ""),
             "first_download": per_client(metrics[1], "client_download_bytes"),
@@ -56,11 +57,12 @@ def load_rows(study_dir: Path) -> list[dict]:
 
 
 def order(row: dict) -> tuple:
-    return row["model"], -row["weights_bytes"], row["distill_steps"]
+    return row["model"], -row["weights_bytes"], row["adapters"], row["distill_steps"]
 
 
 def label(row: dict) -> str:
     name = "full model" if row["client_model"] == "full" else f"{row['client_model']} (layers {row['layers']})"
+    name += ", adapters on the first and last layer" if row["adapters"] == "ends" else ""
     return name + (f" + distillation ({row['distill_steps']} steps)" if row["distill_steps"] else "")
 
 
@@ -142,7 +144,8 @@ def plot(rows: list[dict], path: Path) -> None:
     curves.legend(fontsize=8)
     for row in rows:
         bars.scatter(row["weights_bytes"] / 2**20, row["accuracy"], s=60)
-        bars.annotate(f"{row['model'].split(':')[-1]}: " + label(row).split(" (")[0] + (" + distil" if row["distill_steps"] else ""),
+        short = label(row).split(" (")[0] + (", ends" if row["adapters"] == "ends" else "") + (" + distil" if row["distill_steps"] else "")
+        bars.annotate(f"{row['model'].split(':')[-1]}: {short}",
                       (row["weights_bytes"] / 2**20, row["accuracy"]), fontsize=8, xytext=(4, 4),
                       textcoords="offset points")
     bars.set(xlabel="base weights a client holds (MiB)", ylabel="final server accuracy", title="Accuracy against client size")

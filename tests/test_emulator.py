@@ -202,7 +202,7 @@ def test_emulators_refuse_what_they_cannot_combine_with(extra, message):
 def test_client_model_keys_are_checked_at_the_edge():
     with pytest.raises(ConfigError, match="client-model"):
         RunConfig.from_flower({"client-model": "emulator:half"})
-    with pytest.raises(ConfigError, match="emulator-distill-steps needs emulator clients"):
+    with pytest.raises(ConfigError, match="emulator-distill-steps and emulator-adapters need emulator clients"):
         RunConfig.from_flower({"emulator-distill-steps": 10})
     cfg = RunConfig.from_flower({"client-model": "emulator:0.5, full"})
     assert [cfg.client_model_for_partition(p) for p in range(3)] == ["emulator:0.5", "full", "emulator:0.5"]
@@ -217,3 +217,23 @@ def test_a_node_without_the_builtin_model_makes_the_same_tokenizer(tmp_path, mon
     monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))  # nothing built here: the tokenizer is made afresh
     assert not any(tmp_path.iterdir())
     assert encode(load_tokenizer("builtin:micro-4l"), examples, 128) == saved
+
+
+@pytest.mark.parametrize("method", ["lora", "ffa-lora"])
+def test_ends_adapters_train_and_send_only_the_exact_first_and_last_layers(method):
+    cfg = micro_config("emulator:3", **{"peft-method": method, "emulator-adapters": "ends"})
+    base, _ = load_model(cfg.model)
+    server_method = build_method(cfg, base)
+    server_method.evaluation_model(base)
+    sent = ModelSpaceStrategy(cfg, server_method).sent_states(1, server_method.zero_update(), [8])[8]
+    emulator = build_emulator(base, base.state_dict(), (0, 2, 3))
+    layer_map = emulator.layer_map.with_adapters("ends")
+    worker = Worker(cfg, "emulator", instantiate(emulator), load_tokenizer(cfg.model), layer_map)
+    sent_to_client = layer_map.emulator_names(restrict(sent, layer_map).state)
+    assert {int(k.split(".")[4]) for k in sent_to_client} == {0, 2}  # emulator layers 0 and 2 = full 0 and 3
+    node = NodeSettings(partition_id=0, num_partitions=2, rank=8, data_path="")
+    upload = local_round(cfg, node, worker, sent_to_client, 1, 3).update
+    tau = server_method.update_from_upload(layer_map.full_names(upload), restrict(sent, layer_map), additive=False)
+    assert {int(module.split(".")[2]) for module in tau} == {0, 3} and len(tau) == 2 * 7
+    trainable = {n for n, p in worker.peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers.0." in n or ".layers.2." in n for n in trainable)

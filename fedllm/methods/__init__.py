@@ -20,10 +20,11 @@ METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (Lora, FfaLora, Promp
 
 def build_method(cfg: RunConfig, model: torch.nn.Module, layer_map: LayerMap | None = None) -> PeftMethod:
     """The run's `peft-method` for this base model; for an emulator, `layer_map` gives each
-    module's full-model name (what FFA-LoRA seeds its frozen `A` from)."""
+    module's full-model name (what FFA-LoRA seeds its frozen `A` from) and the layers it adapts."""
     method = METHODS[cfg.peft_method].for_model(cfg, model)
     if layer_map is not None:
         method.full_name = layer_map.to_full
+        method.keep_modules(lambda module: layer_map.adapts(layer_map.to_full(module)))
     return method
 
 

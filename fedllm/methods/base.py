@@ -60,6 +60,10 @@ class PeftMethod(ABC):
     def for_model(cls, cfg: RunConfig, model: torch.nn.Module) -> PeftMethod:
         """The method for a base model (reads layer names and shapes; keeps no weights)."""
 
+    def keep_modules(self, keep: Callable[[str], bool]) -> None:
+        """Adapt only the modules `keep` accepts (an emulator's adapted layers); methods without
+        per-module adapters have nothing to drop."""
+
     # -- both sides --------------------------------------------------------------------------
 
     @abstractmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,6 +89,7 @@ class Lora(PeftMethod):
             raise ValueError("DoRA needs the base weights' row norms (its initial magnitudes)")
         self.base_norms = base_norms or {}
         self.w0: Tensors = {}  # the server model's W0, kept aside by evaluation_model
+        self.explicit_targets = False  # True: peft targets these modules by name, not every layer's
 
     @classmethod
     def for_model(cls, cfg: RunConfig, model: PreTrainedModel) -> Lora:
@@ -95,6 +97,13 @@ class Lora(PeftMethod):
         shapes = {m: Layer(layer.weight.shape, isinstance(layer, Conv1D)) for m, layer in layers.items()}
         norms = {m: row_norms(layer.weight.detach(), shapes[m].transposed) for m, layer in layers.items()}
         return cls(cfg, shapes, norms if cfg.lora_variant == "dora" else None)
+
+    def keep_modules(self, keep: Callable[[str], bool]) -> None:
+        dropped = [m for m in self.layers if not keep(m)]
+        for module in dropped:
+            del self.layers[module], self.layouts[module]
+            self.base_norms.pop(module, None)
+        self.explicit_targets = self.explicit_targets or bool(dropped)
 
     def scaling(self, rank: int) -> float:
         """`alpha / √r` for rsLoRA, else `alpha / r`, as peft computes it."""
@@ -104,7 +113,8 @@ class Lora(PeftMethod):
     def peft_config(self, rank: int) -> LoraConfig:
         return LoraConfig(
             r=rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-            target_modules=sorted({m.rsplit(".", 1)[-1] for m in self.layers}), task_type="CAUSAL_LM",
+            target_modules=sorted(self.layers) if self.explicit_targets else sorted({m.rsplit(".", 1)[-1] for m in self.layers}),
+            task_type="CAUSAL_LM",
             use_rslora=self.cfg.lora_variant == "rslora", use_dora=self.dora,
         )
 
