@@ -133,7 +133,8 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     fed, past = ids, None
     for _ in range(max_new_tokens):
-        out = model(input_ids=fed, attention_mask=torch.ones_like(ids), use_cache=cached, **{name: past})
+        cache = {name: past} if cached else {}  # prefix tuning brings its own cache: pass none, not None
+        out = model(input_ids=fed, attention_mask=torch.ones_like(ids), use_cache=cached, **cache)
         next_ids = out.logits[:, -1].argmax(dim=-1).masked_fill(done, eos_id)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         fed, past = (next_ids[:, None], out[name]) if cached else (ids, None)

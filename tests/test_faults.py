@@ -238,7 +238,7 @@ CONNECTION = "deploy-faults"
 NODES = 3
 ROUNDS = 6
 DEPLOY_CONFIG = ("model='builtin:micro' local-steps=2 batch-size=8 train-per-task=20 test-per-task=4 partition='iid' "
-                 f"min-clients=2 round-timeout=30 num-server-rounds={ROUNDS}")
+                 f"min-clients=2 round-timeout=60 num-server-rounds={ROUNDS}")
 
 
 @pytest.fixture
