@@ -122,7 +122,8 @@ class EmulatorFleet:
             return {"arrays": ArrayRecord(state)}
         emulator = self.builds[spec].emulator
         identity: dict[str, Any] = {"digest": emulator.digest}
-        records = {"arrays": ArrayRecord(layer_map.emulator_names(state))}
+        adapted = {name: tensor for name, tensor in state.items() if layer_map.adapts(name)}
+        records = {"arrays": ArrayRecord(layer_map.emulator_names(adapted))}
         if self.holders.get(node_id) != emulator.digest:  # the first time: what to build it from
             identity |= {"prefix": layer_map.prefix, "kept": list(layer_map.kept), "config": emulator.config_json}
             records[WEIGHTS_RECORD] = ArrayRecord(emulator.state)

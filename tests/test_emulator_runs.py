@@ -1,6 +1,7 @@
 """Emulator clients in real `flwr run` simulations on the embedded 4-layer micro model: an
 emulator keeping every layer reproduces the full-model run bit for bit, its weights travel once
-per run (measured on the wire), and clients of mixed sizes merge per layer with their weights."""
+per run (measured on the wire), and clients of mixed sizes (adapting only their exact first and
+last layers) merge per layer with their weights."""
 
 from __future__ import annotations
 
@@ -76,10 +77,10 @@ def test_mixed_emulator_sizes_merge_each_layer_over_the_clients_that_trained_it(
     audit = tmp_path_factory.mktemp("audit")
     summary, rows, state, cfg = run(
         tmp_path_factory, "mixed", f"num-server-rounds=1 peft-method='ffa-lora' audit-dir='{audit}' "
-        "client-model='emulator:2,full,emulator:3'", 3)
-    kept = {p: tuple(summary["emulators"][m]["layers"]) if m != "full" else (0, 1, 2, 3)
-            for p, m in enumerate(("emulator:2", "full", "emulator:3"))}
+        "client-model='emulator:2,full,emulator:3' emulator-adapters='ends'", 3)
+    kept = {p: tuple(summary["emulators"][m]["layers"]) for p, m in enumerate(("emulator:2", "full", "emulator:3"))}
     assert kept == {0: (0, 3), 1: (0, 1, 2, 3), 2: (0, 2, 3)}
+    adapted = {0: (0, 3), 1: (0, 1, 2, 3), 2: (0, 3)}  # 'ends': an emulator trains its first and last layer only
     assert rows[1]["client_download_bytes"]["0"] < rows[1]["client_download_bytes"]["2"]
 
     # replay the server's side: each client's τ_k from what it uploaded, under the full model's names
@@ -89,7 +90,7 @@ def test_mixed_emulator_sizes_merge_each_layer_over_the_clients_that_trained_it(
     updates, weights = {}, {}
     for reply in audited_uploads(audit):
         partition = int(reply["metrics"]["partition-id"])
-        layer_map = LayerMap("model.layers", kept[partition])
+        layer_map = LayerMap("model.layers", kept[partition], adapted[partition] if partition != 1 else ())
         upload = layer_map.full_names(reply["arrays"].to_torch_state_dict())
         updates[partition] = method.update_from_upload(upload, restrict(sent, layer_map), additive=False)
         weights[partition] = float(reply["metrics"]["num-examples"])
@@ -97,6 +98,6 @@ def test_mixed_emulator_sizes_merge_each_layer_over_the_clients_that_trained_it(
     for module, merged in state.global_delta.items():
         having = [p for p in sorted(updates) if module in updates[p]]
         layer = int(module.split(".")[2])
-        assert having == [p for p in (0, 1, 2) if layer in kept[p]], module
+        assert having == [p for p in (0, 1, 2) if layer in adapted[p]], module
         expected = sum(weights[p] * updates[p][module] for p in having) / sum(weights[p] for p in having)
         torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
