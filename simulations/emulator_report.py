@@ -102,24 +102,28 @@ def measure_all(rows: list[dict], steps: int) -> dict[str, dict]:
     """`measure_client` for each distinct client base model, each in a fresh process."""
     results = {}
     for row in rows:
-        key = row["digest"] if row["client_model"] != "full" else ""
-        if key in results:
+        if client_key(row) in results:
             continue
-        out = subprocess.run([sys.executable, __file__, "--measure", row["model"], key, str(steps)],
+        digest = client_key(row)[1]
+        out = subprocess.run([sys.executable, __file__, "--measure", row["model"], digest, str(steps)],
                              check=True, capture_output=True, text=True).stdout
-        results[key] = json.loads(out.strip().splitlines()[-1])
+        results[client_key(row)] = json.loads(out.strip().splitlines()[-1])
     return results
+
+
+def client_key(row: dict) -> tuple[str, str]:
+    """What a client holds: the base model, and the emulator's digest ('' for the full model)."""
+    return row["model"], row["digest"] if row["client_model"] != "full" else ""
 
 
 # -- the report ------------------------------------------------------------------------------
 
-def table(rows: list[dict], measured: dict[str, dict]) -> str:
-    full = measured.get("", {})
+def table(rows: list[dict], measured: dict[tuple[str, str], dict]) -> str:
     lines = ["| server model | clients train on | server accuracy (base → final) | client base weights | client peak memory | "
              "step time (× full) | download, first round | download, later rounds | upload per round | "
              "distillation: hidden-state gap |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=order):
-        m = measured.get(row["digest"] if row["client_model"] != "full" else "", {})
+        m, full = measured.get(client_key(row), {}), measured.get((row["model"], ""), {})
         ratio = f" (×{m['step_seconds'] / full['step_seconds']:.2f})" if m and full else ""
         gap = row["gap"]
         gap_text = f"{gap[0]:.3f} → {gap[1]:.3f} in {row['build_seconds']:.0f} s" if gap[0] is not None else "–"
@@ -137,11 +141,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 6.5))
     for row in sorted(rows, key=order):
         curves.plot(range(len(row["curve"])), row["curve"], label=f"{row['model']}: {label(row)}")
     curves.set(xlabel="round", ylabel="server model accuracy (exact match)", title="The full server model, per round")
-    curves.legend(fontsize=8)
+    curves.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14))  # below the axes: curves stay visible
     for row in rows:
         bars.scatter(row["weights_bytes"] / 2**20, row["accuracy"], s=60)
         short = label(row).split(" (")[0] + (", ends" if row["adapters"] == "ends" else "") + (" + distil" if row["distill_steps"] else "")
