@@ -14,6 +14,7 @@ afresh per message).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -106,6 +107,11 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     raise EmulatorError(f"{type(model).__name__} has no list of {count} decoder layers to make an emulator from")
 
 
+@functools.lru_cache(maxsize=8)
+def _layer_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"(^|\.){re.escape(prefix)}\.(\d+)(?=\.|$)")
+
+
 @dataclass(frozen=True)
 class LayerMap:
     """Names between an emulator and its full model: emulator layer `i` is full layer `kept[i]`.
@@ -118,9 +124,12 @@ class LayerMap:
     kept: tuple[int, ...]
     adapted: tuple[int, ...] = ()  # the full-model layers that carry adapters; () = every kept layer
 
+    def _layer(self, name: str) -> re.Match | None:
+        """Where `name` gives its decoder-layer index (group 2), or None outside the layers."""
+        return _layer_pattern(self.prefix).search(name)
+
     def _renamed(self, name: str, index_of) -> str | None:  # noqa: ANN001 - int -> int | None
-        pattern = re.compile(rf"(^|\.){re.escape(self.prefix)}\.(\d+)(?=\.|$)")
-        match = pattern.search(name)
+        match = self._layer(name)
         if match is None:
             return name  # not inside a decoder layer
         index = index_of(int(match.group(2)))
@@ -137,8 +146,7 @@ class LayerMap:
 
     def to_emulator(self, name: str) -> str | None:
         """The emulator's name for a full-model name; None for a layer the emulator dropped."""
-        position = {layer: i for i, layer in enumerate(self.kept)}
-        return self._renamed(name, position.get)
+        return self._renamed(name, lambda i: self.kept.index(i) if i in self.kept else None)
 
     def full_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.to_full(name): tensor for name, tensor in tensors.items()}
@@ -148,13 +156,14 @@ class LayerMap:
         renamed = ((self.to_emulator(name), tensor) for name, tensor in tensors.items())
         return {name: tensor for name, tensor in renamed if name is not None}
 
-    def keeps(self, name: str) -> bool:
-        return self.to_emulator(name) is not None
-
     def adapts(self, name: str) -> bool:
         """Whether a full-model name belongs to a layer this emulator's client trains (or to none)."""
-        match = re.search(rf"(^|\.){re.escape(self.prefix)}\.(\d+)(?=\.|$)", name)
+        match = self._layer(name)
         return match is None or int(match.group(2)) in (self.adapted or self.kept)
+
+    def adapted_only(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors (full-model names) of the layers this emulator's client trains."""
+        return {name: tensor for name, tensor in tensors.items() if self.adapts(name)}
 
     def with_adapters(self, where: str) -> LayerMap:
         """The map with adapters on every kept layer (`'kept'`) or, as Offsite-Tuning's adapter,

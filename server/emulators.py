@@ -56,8 +56,7 @@ class EmulatorBuild:
 
 def restrict(sent: Sent, layer_map: LayerMap) -> Sent:
     """The part of `sent` an emulator trains: the tensors of its adapted layers (full-model names)."""
-    keep = lambda tensors: {k: v for k, v in tensors.items() if layer_map.adapts(k)}  # noqa: E731
-    return replace(sent, state=keep(sent.state), reference=keep(sent.reference))
+    return replace(sent, state=layer_map.adapted_only(sent.state), reference=layer_map.adapted_only(sent.reference))
 
 
 class EmulatorFleet:
@@ -122,8 +121,7 @@ class EmulatorFleet:
             return {"arrays": ArrayRecord(state)}
         emulator = self.builds[spec].emulator
         identity: dict[str, Any] = {"digest": emulator.digest}
-        adapted = {name: tensor for name, tensor in state.items() if layer_map.adapts(name)}
-        records = {"arrays": ArrayRecord(layer_map.emulator_names(adapted))}
+        records = {"arrays": ArrayRecord(layer_map.emulator_names(layer_map.adapted_only(state)))}
         if self.holders.get(node_id) != emulator.digest:  # the first time: what to build it from
             identity |= {"prefix": layer_map.prefix, "kept": list(layer_map.kept), "config": emulator.config_json}
             records[WEIGHTS_RECORD] = ArrayRecord(emulator.state)
