@@ -135,15 +135,23 @@ ONE_ROUND = f"{RUN} num-server-rounds=1"  # comparisons: a second round would am
 
 @pytest.fixture(scope="module")
 def ties_runs(flower_env, tmp_path_factory):
+    """TIES with and without SecAgg+, partition 1 crashing mid-round (after the key exchange) in both."""
     plain, secure = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
-    settings = f"{ONE_ROUND} aggregation='ties' peft-method='ffa-lora'"
+    settings = f"{ONE_ROUND} aggregation='ties' peft-method='ffa-lora' fault-injection='1:crash'"
     run_simulation(PROJECT, f"{settings} audit-dir='{plain / 'audit'}'", clients=3, output_dir=plain)
     run_simulation(PROJECT, f"{settings} secure-aggregation=true audit-dir='{secure / 'audit'}'", clients=3,
                    output_dir=secure)
     return plain, secure
 
 
+def test_a_client_dropping_out_mid_round_does_not_stop_it(ties_runs):
+    for out in ties_runs:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["clients"], r["timed_out"] + r["rejected"]) for r in rows[1:]] == [(2, 1)], rows[1:]
+
+
 def test_secure_ties_matches_plain_ties_within_quantization_error(ties_runs):
+    """Over the same two surviving clients: the dropped one left no trace in the secure sum."""
     plain, secure = (AutoModelForCausalLM.from_pretrained(out / "model").state_dict() for out in ties_runs)
     differences = torch.cat([(plain[k] - secure[k]).abs().flatten() for k in plain if "proj" in k])
     assert differences.max() > 0, "quantization leaves a trace"
@@ -171,21 +179,9 @@ def test_no_message_the_server_receives_holds_an_individual_update(ties_runs):
         configs = message.config_records.get(RECORD_KEY_CONFIGS)
         if configs is not None and Key.MASKED_PARAMETERS in configs:
             masked += [bytes_to_ndarray(blob).ravel() for blob in configs[Key.MASKED_PARAMETERS]]
-    assert len(masked) >= 3 * 2, "every client's masked vector, in both exchanges of TIES"
+    assert len(masked) >= 2 * 2, "every surviving client's masked vector, in both exchanges of TIES"
     for vector in masked:  # plaintext would sit in [0, Q]; masked values are uniform over [0, 2^32)
         assert float((vector.astype(np.float64) <= QUANTIZATION_RANGE).mean()) < 0.02
-
-
-def test_a_client_dropping_out_mid_round_does_not_stop_it_and_the_mean_matches(flower_env, tmp_path):
-    """Partition 1 crashes every round: the secure mean over the other two equals the plain one."""
-    settings = f"{ONE_ROUND} fault-injection='1:crash'"
-    run_simulation(PROJECT, f"{settings} secure-aggregation=true", clients=3, output_dir=tmp_path / "secure")
-    run_simulation(PROJECT, settings, clients=3, output_dir=tmp_path / "plain")
-    rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["clients"] for r in rows[1:]] == [2] and [r["timed_out"] for r in rows[1:]] == [1]
-    plain, secure = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model").state_dict() for run in ("plain", "secure"))
-    differences = torch.cat([(plain[k] - secure[k]).abs().flatten() for k in plain])
-    assert 0 < float(differences.max()) < 1e-4, "a linear operator: equal up to SecAgg+ quantization"
 
 
 def test_too_many_dropouts_fail_the_round_cleanly_and_leave_a_resumable_state(flower_env, tmp_path, capfd):
@@ -200,8 +196,9 @@ def test_too_many_dropouts_fail_the_round_cleanly_and_leave_a_resumable_state(fl
 
 
 def test_dp_reports_epsilon_per_round_and_stops_at_its_target(flower_env, tmp_path):
-    run_simulation(PROJECT, f"{RUN} num-server-rounds=4 dp='central' dp-noise-multiplier=1.2 dp-target-epsilon=6.0",
-                   clients=3, output_dir=tmp_path)
+    """Central DP over SecAgg+'s weighted mean (the linear path; TIES above is the two-phase one)."""
+    run_simulation(PROJECT, f"{RUN} num-server-rounds=4 dp='central' dp-noise-multiplier=1.2 dp-target-epsilon=6.0 "
+                   "secure-aggregation=true", clients=3, output_dir=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "summary.json").read_text())
 

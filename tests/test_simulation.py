@@ -13,8 +13,11 @@ from fedllm.adapters import default_target_modules, target_layers
 from fedllm.config import ConfigError, RunConfig
 from fedllm.data import load_splits
 from fedllm.launch import RunFailed, run_simulation
+from fedllm.methods import build_method
+from fedllm.models import load_model
 from fedllm.train import evaluate
 from tests.conftest import PROJECT
+from tests.test_method_runs import serialized_reply_size
 
 SMALL = ("num-server-rounds=2 local-steps=8 train-per-task=60 test-per-task=10 "
          "partition='pathological:2' seed=5")
@@ -94,30 +97,62 @@ def test_a_run_that_fails_inside_flower_is_detected(flower_env, tmp_path, capfd)
     assert str(missing) in capfd.readouterr().out
 
 
-def test_a_run_on_a_local_dataset_file_reports_its_tasks(flower_env, tmp_path):
-    data = tmp_path / "mine.jsonl"
-    lines = [{"instruction": "upper", "input": w, "output": w.upper(), "task": "upper"} for w in ("ab", "cd", "ef", "gh", "ij", "kl")]
-    lines += [{"instruction": "echo", "input": w, "output": w, "task": "echo"} for w in ("mn", "op", "qr", "st", "uv", "wx")]
+@pytest.fixture(scope="module")
+def feature_run(flower_env, tmp_path_factory):
+    """One run of the features away from the defaults: a local dataset file, heterogeneous ranks,
+    TIES with server momentum, rsLoRA uploading 10% of its model-space update in float16."""
+    root = tmp_path_factory.mktemp("features")
+    data = root / "mine.jsonl"
+    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"]
+    lines = [{"instruction": "upper", "input": w, "output": w.upper(), "task": "upper"} for w in words]
+    lines += [{"instruction": "echo", "input": w, "output": w, "task": "echo"} for w in words]
     data.write_text("\n".join(json.dumps(line) for line in lines))
-    out = tmp_path / "out"
-    run_simulation(PROJECT, f"model='builtin:micro' dataset='{data}' partition='iid' num-server-rounds=1 "
-                   "local-steps=2 test-fraction=0.34", clients=2, output_dir=out)
-    summary = json.loads((out / "summary.json").read_text())
+    out = run_simulation(
+        PROJECT, f"model='builtin:micro' dataset='{data}' partition='iid' test-fraction=0.25 num-server-rounds=2 "
+        "local-steps=4 client-ranks='4,8' aggregation='ties' aggregation-density=0.5 server-optimizer='momentum' "
+        "server-momentum=0.5 lora-variant='rslora' upload-dtype='float16' upload-sparsity=0.1",
+        clients=3, output_dir=root / "out",
+    )
+    return out, data, json.loads((out / "summary.json").read_text())
+
+
+def test_a_run_on_a_local_dataset_file_reports_its_tasks(feature_run):
+    out, data, summary = feature_run
     assert set(summary["per_task_accuracy"]) == {"upper", "echo"}
     assert summary["config"]["dataset"] == str(data)
-    assert [r["round"] for r in rows(out)] == [0, 1]
+    assert [r["round"] for r in rows(out)] == [0, 1, 2]
 
 
-def test_heterogeneous_ranks_with_ties_and_server_momentum(flower_env, builtin_path, tmp_path):
-    run_simulation(
-        PROJECT, "num-server-rounds=2 local-steps=6 train-per-task=40 test-per-task=6 client-ranks='4,8' "
-        "aggregation='ties' aggregation-density=0.5 server-optimizer='momentum' server-momentum=0.5",
-        clients=3, output_dir=tmp_path,
-    )
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_heterogeneous_ranks_with_ties_and_server_momentum(feature_run):
+    out, _, summary = feature_run
     assert [(n["partition_id"], n["rank"]) for n in summary["nodes"]] == [(0, 4), (1, 8), (2, 4)]
-    assert summary["config"]["aggregation"] == "ties"
-    last = rows(tmp_path)[-1]
+    assert summary["config"]["aggregation"] == "ties" and summary["config"]["server-optimizer"] == "momentum"
+    last = rows(out)[-1]
     assert set(last["refactor_error"]) == {"4", "8"}
     # after a round of three rank-4/8 updates, rank 4 loses more of the global update than rank 8
     assert last["refactor_error"]["4"] > last["refactor_error"]["8"] >= 0.0
+
+
+def test_sparse_half_precision_uploads_are_as_small_as_promised(feature_run):
+    out, _, summary = feature_run
+    cfg = RunConfig.from_flower(summary["config"])
+    shapes = {name: t.shape for name, t in build_method(cfg, load_model(cfg.model)[0]).zero_update().items()}
+    expected = serialized_reply_size(shapes, cfg.upload_codec())  # LoRA's sparse upload is its model-space τ
+    dense = serialized_reply_size(shapes, RunConfig.from_flower({}).upload_codec())
+    for row in rows(out)[1:]:
+        assert row["clients"] == 3 and row["rejected"] == 0
+        for size in row["client_upload_bytes"].values():
+            assert expected <= size <= expected + 32
+    assert expected < 0.3 * dense, "10% of entries at 6 bytes each (int32 index, float16 value) against 4 bytes each"
+
+
+def test_the_staged_app_bundles_to_the_fab_flower_builds_from_the_project(tmp_path):
+    """`flwr run` is given a staged copy of the app (fedllm.launch.bundled_files): same FAB bytes."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedllm.launch import bundled_files, staged_app
+
+    names = {p.as_posix() for p in bundled_files(PROJECT)}
+    assert {"pyproject.toml", "server/app.py", "client/app.py", "fedllm/launch.py"} <= names
+    assert not any(n.startswith((".venv/", "outputs/", ".git/")) or "__pycache__" in n for n in names)
+    assert build_fab_from_disk(staged_app(PROJECT, tmp_path)) == build_fab_from_disk(PROJECT)
