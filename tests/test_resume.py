@@ -24,7 +24,11 @@ def server_processes() -> list[psutil.Process]:
     found = []
     for pid in superlink_pids():
         for child in psutil.Process(pid).children(recursive=True):
-            if "flwr-simulation" in " ".join(child.cmdline()):
+            try:
+                command = " ".join(child.cmdline())
+            except psutil.NoSuchProcess:  # also a zombie: an earlier run's process not yet reaped
+                continue
+            if "flwr-simulation" in command:
                 found.append(child)
     return found
 
