@@ -72,7 +72,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         (out / "machine.json").write_text(json.dumps(machine(), indent=2))
     app = Path(args.app) if args.app else project_dir()
     with reused_superlink():
-        rows = execute(study, out, lambda run_config, clients, folder: run_simulation(app, run_config, clients, folder))
+        rows = execute(study, out, lambda run_config, clients, folder: run_simulation(
+            app, run_config, clients, folder, cpus_per_client=args.cpus_per_client))
     write_results(rows, out)
     report = write_report(study_file, study, rows, out)
     print(report.read_text())
@@ -80,6 +81,17 @@ def cmd_study(args: argparse.Namespace) -> int:
     if failed:
         print(f"fedllm study: {len(failed)} of {len(rows)} runs failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+def add_cpus_per_client(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--cpus-per-client", type=positive_int, default=1,
+                         help="CPUs per simulated client: clients train in parallel on CPUs / this (default %(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,13 +102,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--run-config", default="", help="overrides, e.g. \"num-server-rounds=3 partition='iid'\"")
     run.add_argument("--out", default="", help="output folder (default outputs/<timestamp>)")
     run.add_argument("--app", default="", help="Flower app folder (default: this checkout)")
-    run.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated client (default %(default)s)")
+    add_cpus_per_client(run)
     run.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running afterwards")
     run.set_defaults(handler=cmd_run)
     study = commands.add_parser("study", help="run every setting of a study file; write results.csv, report.md, plots")
     study.add_argument("study", help="a study TOML file: clients, [base], [grid], [[runs]]")
     study.add_argument("--out", default="", help="study folder (default outputs/study-<name>); reruns skip finished runs")
     study.add_argument("--app", default="", help="Flower app folder (default: this checkout)")
+    add_cpus_per_client(study)
     study.set_defaults(handler=cmd_study)
     certs = commands.add_parser("certs", help="create a CA, the SuperLink's TLS certificate and SuperNode auth keys")
     certs.add_argument("--out", required=True, help="folder to write into (ca.crt, server.pem, nodes/node<i>, ...)")

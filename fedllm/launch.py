@@ -123,13 +123,19 @@ def bundled_files(app_dir: Path) -> list[Path]:
     ignored = [".git/", *FAB_EXCLUDE_PATTERNS, *(gitignore.read_text().splitlines() if gitignore.exists() else [])]
     ignore = PathSpec.from_lines("gitwildmatch", [p for p in ignored if p != FAB_CONFIG_FILE])
     include = PathSpec.from_lines("gitwildmatch", [*FAB_INCLUDE_PATTERNS, f"/{FAB_CONFIG_FILE}", "/.gitignore"])
+
+    def ignored_folder(folder: Path) -> bool:  # a pattern for the folder itself, or for all inside it
+        return ignore.match_file(f"{folder.as_posix()}/") or ignore.match_file((folder / "x").as_posix())
+
+    def bundled(file: Path) -> bool:
+        return (include.match_file(file.as_posix()) and not ignore.match_file(file.as_posix())
+                and not (app_dir / file).is_symlink())
+
     found = []
     for folder, subfolders, names in os.walk(app_dir):
         here = Path(folder).relative_to(app_dir)
-        subfolders[:] = [d for d in subfolders
-                         if not (ignore.match_file(f"{(here / d).as_posix()}/") or ignore.match_file((here / d / "x").as_posix()))]
-        found += [here / n for n in names if include.match_file((here / n).as_posix())
-                  and not ignore.match_file((here / n).as_posix()) and not (app_dir / here / n).is_symlink()]
+        subfolders[:] = [d for d in subfolders if not ignored_folder(here / d)]
+        found += [here / n for n in names if bundled(here / n)]
     return sorted(found)
 
 

@@ -154,6 +154,14 @@ def resolve_model(name: str) -> str:
     return str(target)
 
 
+def builtin_weights_digest(name: str) -> str | None:
+    """The first 12 hex digits of the SHA-256 of a builtin model's cached weights, so a result names
+    the build it was computed on (a cache rebuilt elsewhere may differ); None for other models."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return None
+    return hashlib.sha256((Path(resolve_model(name)) / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
 def _unloadable(name: str, error: OSError) -> ValueError:
     return ValueError(f"model {name!r} could not be loaded ({error}); give a local folder saved with "
                       f"save_pretrained, a reachable Hugging Face name, or 'builtin:tiny'")

@@ -163,8 +163,9 @@ def _summary_fields(folder: Path) -> dict[str, Any]:
         "wall_seconds": round(summary["wall_seconds"], 1),
         **{f"acc_{task}": acc for task, acc in summary["per_task_accuracy"].items()},
     }
-    if "epsilon" in summary:
-        fields["epsilon"] = summary["epsilon"]
+    for optional in ("epsilon", "base_weights"):
+        if summary.get(optional) is not None:
+            fields[optional] = summary[optional]
     return fields
 
 

@@ -15,6 +15,7 @@ from fedllm.checkpoint import STATE_FILE, RunState, load_state
 from fedllm.config import RunConfig
 from fedllm.data import load_splits
 from fedllm.logs import quiet_third_party
+from fedllm.models import builtin_weights_digest
 from server.grid import MeteredGrid
 from server.loop import run_rounds
 from server.model import ServerModel
@@ -61,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
         refactor_error=recorder.rounds[-1].get("refactor_error", {}),
         nodes=sorted((asdict(info) for info in strategy.nodes.values()), key=lambda n: n["partition_id"]),
         wall_seconds=time.perf_counter() - started,
+        base_weights=builtin_weights_digest(cfg.model),
         **({"emulators": strategy.emulators.report()} if strategy.emulators is not None else {}),
     )
     log(INFO, "done: accuracy %.3f -> %.3f over %d rounds; outputs in %s",

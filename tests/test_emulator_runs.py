@@ -15,19 +15,18 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from fedllm.checkpoint import load_state
 from fedllm.config import RunConfig
 from fedllm.emulator import LayerMap
-from fedllm.launch import run_simulation
 from fedllm.methods import build_method
 from fedllm.models import load_model
 from server.emulators import restrict
 from server.strategy import ModelSpaceStrategy
-from tests.conftest import PROJECT
+from tests.conftest import simulate
 
 SMALL = "model='builtin:micro-4l' local-steps=3 train-per-task=20 test-per-task=4"
 
 
 def run(tmp_path_factory, name: str, settings: str, clients: int):
     out = tmp_path_factory.mktemp(name)
-    run_simulation(PROJECT, f"{SMALL} {settings}", clients=clients, output_dir=out)
+    simulate(f"{SMALL} {settings}", clients=clients, output_dir=out)
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cfg = RunConfig.from_flower(summary["config"])

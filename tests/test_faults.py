@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.faults import InjectedFault, inject
 from fedllm.adapters import factor_key
 from fedllm.config import FAULT_KINDS, ConfigError, RunConfig
-from fedllm.launch import RunFailed, run_simulation
+from fedllm.launch import RunFailed
 from fedllm.methods.lora import Layer, Lora
 from server.strategy import ModelSpaceStrategy
 from server.validation import NodeInfo, ReplyRejected
-from tests.conftest import PROJECT
+from tests.conftest import simulate
 from tests.deploy_support import read_metrics
 
 # --------------------------------------------------------------------------------------------
@@ -194,8 +194,8 @@ SMALL = ("model='builtin:micro' local-steps=2 batch-size=8 train-per-task=24 tes
 
 def test_every_bad_reply_is_rejected_and_the_rounds_go_on(flower_env, tmp_path):
     faults = ",".join(f"{partition}:{kind}" for partition, kind in enumerate(BAD))
-    out = run_simulation(PROJECT, f"{SMALL} num-server-rounds=2 max-update-norm=100 fault-injection='{faults}'",
-                         clients=len(BAD) + GOOD, output_dir=tmp_path)
+    out = simulate(f"{SMALL} num-server-rounds=2 max-update-norm=100 fault-injection='{faults}'",
+                   clients=len(BAD) + GOOD, output_dir=tmp_path)
     assert (out / "summary.json").exists()
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -213,14 +213,14 @@ def test_every_bad_reply_is_rejected_and_the_rounds_go_on(flower_env, tmp_path):
 def test_too_few_good_replies_fail_the_round_and_the_run_resumes_without_the_faults(flower_env, tmp_path, capfd):
     settings = f"{SMALL} num-server-rounds=2"
     with pytest.raises(RunFailed):
-        run_simulation(PROJECT, f"{settings} fault-injection='0:nan,1:crash'", clients=3, output_dir=tmp_path)
+        simulate(f"{settings} fault-injection='0:nan,1:crash'", clients=3, output_dir=tmp_path)
     log = capfd.readouterr().out
     assert "round 1: only 1 valid replies (min-clients = 2)" in log, log[-3000:]
     assert "contains 1 NaN" in log and "failed" in log
     failed_rows = read_metrics(tmp_path)
     assert [r["round"] for r in failed_rows] == [0]  # round 0 was checkpointed, round 1 was not completed
 
-    run_simulation(PROJECT, f"{settings} resume=true", clients=3, output_dir=tmp_path)
+    simulate(f"{settings} resume=true", clients=3, output_dir=tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[0] == failed_rows[0]  # restored from the checkpoint, not recomputed

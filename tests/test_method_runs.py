@@ -7,24 +7,20 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from client.worker import NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
 from fedllm.data import load_splits
-from fedllm.launch import run_simulation
 from fedllm.methods import build_method
 from fedllm.models import load_model
 from fedllm.train import evaluate
-from fedllm.wire import wire_names
-from server.grid import content_bytes
 from server.strategy import ModelSpaceStrategy
-from tests.conftest import PROJECT
+from tests.conftest import simulate
+from tests.reply_size import serialized_reply_size
 
 ONE_CLIENT = ("model='builtin:micro' num-server-rounds=1 local-steps=4 train-per-task=12 test-per-task=4 "
               "partition='iid' min-clients=1 seed=3 num-virtual-tokens=4")
@@ -39,7 +35,7 @@ RUNS = {  # the LoRA path (plain, rsLoRA, DoRA) runs end to end in test_simulati
 @pytest.fixture(scope="module", params=list(RUNS))
 def run(request, flower_env, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    run_simulation(PROJECT, f"{ONE_CLIENT} {RUNS[request.param]}", clients=1, output_dir=out)
+    simulate(f"{ONE_CLIENT} {RUNS[request.param]}", clients=1, output_dir=out)
     summary = json.loads((out / "summary.json").read_text())
     return out, summary, RunConfig.from_flower(summary["config"])
 
@@ -89,18 +85,6 @@ def test_the_exported_adapter_reproduces_the_reported_accuracy(run):
     _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
     assert evaluate(adapter, load_model(cfg.model)[1], test) == summary["per_task_accuracy"]
-
-
-def serialized_reply_size(shapes: dict[str, torch.Size], codec) -> int:
-    """The size of a train reply carrying an upload of these tensors, built here from zeros."""
-    arrays = {}
-    for name, dtype in wire_names(shapes, codec).items():
-        tensor = name.rsplit("::", 1)[0] if codec.sparse else name
-        length = math.ceil(codec.density * shapes[tensor].numel())
-        arrays[name] = Array(np.zeros(length if codec.sparse else tuple(shapes[name]), dtype=dtype))
-    metrics = MetricRecord({"num-examples": 0, "train_loss": 0.0, "train-seconds": 0.0, "partition-id": 0,
-                            "lora-rank": 0, "pid": 0, "model-builds": 0})
-    return content_bytes(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}))
 
 
 def test_reported_upload_bytes_are_the_serialized_reply(run):

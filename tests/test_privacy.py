@@ -24,12 +24,12 @@ from transformers import AutoModelForCausalLM
 
 from client.privacy import privatize
 from fedllm.config import ConfigError, RunConfig
-from fedllm.launch import RunFailed, run_simulation
+from fedllm.launch import RunFailed
 from fedllm.merge import get_operator
 from fedllm.privacy.secure import SIGN_CONSENSUS, agreement, client_step, disjoint_mean
 from server.dp import ServerDp
 from server.secure import QUANTIZATION_RANGE
-from tests.conftest import PROJECT
+from tests.conftest import simulate
 
 # --------------------------------------------------------------------------------------------
 # The protocol's arithmetic, without quantization: secure sums reproduce the operators exactly
@@ -138,9 +138,8 @@ def ties_runs(flower_env, tmp_path_factory):
     """TIES with and without SecAgg+, partition 1 crashing mid-round (after the key exchange) in both."""
     plain, secure = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
     settings = f"{ONE_ROUND} aggregation='ties' peft-method='ffa-lora' fault-injection='1:crash'"
-    run_simulation(PROJECT, f"{settings} audit-dir='{plain / 'audit'}'", clients=3, output_dir=plain)
-    run_simulation(PROJECT, f"{settings} secure-aggregation=true audit-dir='{secure / 'audit'}'", clients=3,
-                   output_dir=secure)
+    simulate(f"{settings} audit-dir='{plain / 'audit'}'", clients=3, output_dir=plain)
+    simulate(f"{settings} secure-aggregation=true audit-dir='{secure / 'audit'}'", clients=3, output_dir=secure)
     return plain, secure
 
 
@@ -187,8 +186,8 @@ def test_no_message_the_server_receives_holds_an_individual_update(ties_runs):
 def test_too_many_dropouts_fail_the_round_cleanly_and_leave_a_resumable_state(flower_env, tmp_path, capfd):
     """Resuming from that state is the same code path as test_faults' resume after a failed round."""
     with pytest.raises(RunFailed):
-        run_simulation(PROJECT, f"{TWO_ROUNDS} secure-aggregation=true fault-injection='1:crash,2:crash'", clients=3,
-                       output_dir=tmp_path)
+        simulate(f"{TWO_ROUNDS} secure-aggregation=true fault-injection='1:crash,2:crash'", clients=3,
+                 output_dir=tmp_path)
     assert "secure aggregation halted" in capfd.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0] and (tmp_path / "run_state.pt").exists()
@@ -197,8 +196,8 @@ def test_too_many_dropouts_fail_the_round_cleanly_and_leave_a_resumable_state(fl
 
 def test_dp_reports_epsilon_per_round_and_stops_at_its_target(flower_env, tmp_path):
     """Central DP over SecAgg+'s weighted mean (the linear path; TIES above is the two-phase one)."""
-    run_simulation(PROJECT, f"{RUN} num-server-rounds=4 dp='central' dp-noise-multiplier=1.2 dp-target-epsilon=6.0 "
-                   "secure-aggregation=true", clients=3, output_dir=tmp_path)
+    simulate(f"{RUN} num-server-rounds=4 dp='central' dp-noise-multiplier=1.2 dp-target-epsilon=6.0 "
+             "secure-aggregation=true", clients=3, output_dir=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "summary.json").read_text())
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedllm.checkpoint import STATE_FILE
-from fedllm.launch import RunFailed, run_simulation, stop_tree, superlink_pids
-from tests.conftest import PROJECT
+from fedllm.launch import RunFailed, stop_tree, superlink_pids
+from tests.conftest import simulate
 
 SETTINGS = ("model='builtin:micro' num-server-rounds=4 local-steps=12 train-per-task=40 test-per-task=6 "
             "lora-dropout=0.1 seed=2 partition='pathological:2'")
@@ -40,13 +40,13 @@ def completed_rounds(folder) -> int:
 
 def test_killed_server_resumes_bit_identically(flower_env, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run_simulation(PROJECT, SETTINGS, clients=3, output_dir=straight)
+    simulate(SETTINGS, clients=3, output_dir=straight)
 
     outcome: list[BaseException] = []
 
     def interrupted_run() -> None:
         try:
-            run_simulation(PROJECT, SETTINGS, clients=3, output_dir=crashed)
+            simulate(SETTINGS, clients=3, output_dir=crashed)
         except BaseException as error:  # noqa: BLE001 - recorded for the assertion below
             outcome.append(error)
 
@@ -67,7 +67,7 @@ def test_killed_server_resumes_bit_identically(flower_env, tmp_path):
     killed_after = completed_rounds(crashed)
     assert 1 <= killed_after < 4 and (crashed / STATE_FILE).exists()
 
-    run_simulation(PROJECT, SETTINGS + " resume=true", clients=3, output_dir=crashed)
+    simulate(SETTINGS + " resume=true", clients=3, output_dir=crashed)
     expected = load_file(straight / "model" / "model.safetensors")
     resumed = load_file(crashed / "model" / "model.safetensors")
     assert expected.keys() == resumed.keys()

@@ -16,8 +16,8 @@ from fedllm.launch import RunFailed, run_simulation
 from fedllm.methods import build_method
 from fedllm.models import load_model
 from fedllm.train import evaluate
-from tests.conftest import PROJECT
-from tests.test_method_runs import serialized_reply_size
+from tests.conftest import PROJECT, simulate
+from tests.reply_size import serialized_reply_size
 
 SMALL = ("num-server-rounds=2 local-steps=8 train-per-task=60 test-per-task=10 "
          "partition='pathological:2' seed=5")
@@ -93,7 +93,7 @@ def test_a_bad_key_is_refused_before_flower_starts(flower_env, tmp_path):
 def test_a_run_that_fails_inside_flower_is_detected(flower_env, tmp_path, capfd):
     missing = tmp_path / "missing.jsonl"
     with pytest.raises(RunFailed, match="wrote no"):
-        run_simulation(PROJECT, f"model='builtin:micro' dataset='{missing}'", clients=2, output_dir=tmp_path / "out")
+        simulate(f"model='builtin:micro' dataset='{missing}'", clients=2, output_dir=tmp_path / "out")
     assert str(missing) in capfd.readouterr().out
 
 
@@ -107,8 +107,8 @@ def feature_run(flower_env, tmp_path_factory):
     lines = [{"instruction": "upper", "input": w, "output": w.upper(), "task": "upper"} for w in words]
     lines += [{"instruction": "echo", "input": w, "output": w, "task": "echo"} for w in words]
     data.write_text("\n".join(json.dumps(line) for line in lines))
-    out = run_simulation(
-        PROJECT, f"model='builtin:micro' dataset='{data}' partition='iid' test-fraction=0.25 num-server-rounds=2 "
+    out = simulate(
+        f"model='builtin:micro' dataset='{data}' partition='iid' test-fraction=0.25 num-server-rounds=2 "
         "local-steps=4 client-ranks='4,8' aggregation='ties' aggregation-density=0.5 server-optimizer='momentum' "
         "server-momentum=0.5 lora-variant='rslora' upload-dtype='float16' upload-sparsity=0.1",
         clients=3, output_dir=root / "out",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from fedllm.cli import main as fedllm_main
 from fedllm.config import ConfigError
+from fedllm.models import builtin_weights_digest
 from fedllm.study import load_study
 from tests.conftest import PROJECT
 
@@ -70,14 +72,15 @@ seed = [0, 1]
 [[runs]]
 model = "builtin:nonexistent"
 """)
-    out = tmp_path / "out"
-    assert fedllm_main(["study", str(study_file), "--out", str(out)]) == 1, "one run fails, so the study says so"
+    out, one_actor = tmp_path / "out", ["--cpus-per-client", str(os.cpu_count() or 1)]  # see tests.conftest.simulate
+    assert fedllm_main(["study", str(study_file), "--out", str(out), *one_actor]) == 1, "one run fails, so the study says so"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 5
     failed = [r for r in rows if r["status"].startswith("failed")]
     assert len(failed) == 1 and "unknown builtin" in failed[0]["status"]
 
     summaries = {r["run"]: json.loads((out / "runs" / r["run"] / "summary.json").read_text()) for r in rows if r not in failed}
+    assert {r["base_weights"] for r in rows if r not in failed} == {builtin_weights_digest("builtin:micro")}
     report = (out / "report.md").read_text()
     for baseline in ("centralized", "local-only"):
         accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
@@ -99,7 +102,7 @@ model = "builtin:nonexistent"
 
     stamps = {name: (out / "runs" / name / "summary.json").stat().st_mtime_ns for name in summaries}
     capsys.readouterr()
-    fedllm_main(["study", str(study_file), "--out", str(out)])
+    fedllm_main(["study", str(study_file), "--out", str(out), *one_actor])
     rerun = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(r["status"] for r in rerun if r["run"] in summaries) == ["skipped (complete)"] * 4
     assert all((out / "runs" / n / "summary.json").stat().st_mtime_ns == t for n, t in stamps.items())
@@ -114,3 +117,19 @@ model = "builtin:nonexistent"
         accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
         assert f"| 2 | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in section
     assert (tmp_path / "docs" / "results" / "tiny" / "accuracy_per_round.png").exists()
+
+
+def test_results_page_keeps_the_sections_of_studies_not_rerun(tmp_path, monkeypatch):
+    """With no study folder and no --bench, regenerating docs/RESULTS.md changes nothing in it."""
+    sys.path.insert(0, str(PROJECT / "simulations"))
+    import results
+
+    docs, shipped = tmp_path / "docs", (PROJECT / "docs" / "RESULTS.md").read_text()
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text(shipped)
+    monkeypatch.setattr(sys, "argv", ["results.py", "--studies", str(tmp_path / "none"), "--docs", str(docs)])
+    results.main()
+    assert (docs / "RESULTS.md").read_text() == shipped
+    kept = results.previous_sections(docs / "RESULTS.md")
+    not_run = [line[3:] for line in shipped.splitlines() if line.startswith("## ") and line[3:] not in kept]
+    assert all(f"## {name}\n\nNot run yet" in shipped for name in not_run)
