@@ -8,7 +8,9 @@ Any other value is a Hugging Face model name or local path, loaded through the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -52,8 +54,10 @@ class BuiltinSpec:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        """The spec, the source of the code that builds the model and torch's version: a changed
+        recipe builds afresh instead of silently reusing a cache made by an older one."""
+        blob = json.dumps({**asdict(self), "recipe": recipe_digest(), "torch": torch.__version__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
@@ -85,6 +89,18 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+@functools.cache
+def recipe_digest() -> str:
+    """SHA-256 of the source of everything pre-training reads: tokenizer, architecture, training
+    loop and the warm-up tasks."""
+    from fedllm import train
+    from fedllm.data import format as prompt_format, tasks
+
+    parts = (char_tokenizer, builtin_config, pretrain_builtin, train.encode, train.collate, train._lr_factor,
+             train.train_steps, tasks, prompt_format)
+    return hashlib.sha256("".join(inspect.getsource(part) for part in parts).encode()).hexdigest()
 
 
 def builtin_config(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedllm.models import char_tokenizer, load_model, resolve_model
+from fedllm import models
+from fedllm.models import BUILTIN_MODELS, char_tokenizer, load_model, resolve_model
 
 
 def test_char_tokenizer_round_trips_through_save_pretrained(tmp_path):
@@ -44,6 +47,18 @@ def test_builtin_pretraining_is_deterministic(tmp_path, monkeypatch):
         states.append(AutoModelForCausalLM.from_pretrained(resolve_model("builtin:micro")).state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_changed_recipe_gets_a_cache_folder_of_its_own(tmp_path, monkeypatch):
+    """An older build is never reused after the pre-training code changes (the spec alone is not enough)."""
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))
+    spec = BUILTIN_MODELS["micro"]
+    first = resolve_model("builtin:micro")
+    assert first.endswith(f"micro-{spec.key()}")
+    monkeypatch.setattr(models, "recipe_digest", lambda: "a training loop changed since")
+    rebuilt = resolve_model("builtin:micro")
+    assert rebuilt != first and sorted(p.name for p in tmp_path.glob("micro-*") if p.is_dir()) == sorted(
+        [Path(first).name, Path(rebuilt).name])
 
 
 def test_unknown_builtin_and_missing_path_name_the_choices(tmp_path):
