@@ -12,14 +12,16 @@ from fedllm.launch import reused_superlink, run_simulation
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def simulate(run_config: str, clients: int, output_dir: Path) -> Path:
-    """`run_simulation` of the project with a single Ray actor holding every CPU.
+# Test runs train for seconds; each further Ray actor costs ~8 s here importing the ClientApp
+# before its first message, more than training in parallel saves. So test simulations give one
+# client every CPU: a single actor. The default (one CPU per client) runs in test_simulation.py's
+# small run and in the Ray-cluster test.
+ONE_ACTOR_CPUS = os.cpu_count() or 1
 
-    Test runs train for seconds; each further actor costs ~8 s here importing the ClientApp on
-    its first message, more than training in parallel saves. The default (one CPU per client) runs
-    in test_simulation.py's small run and in the study and Ray-cluster tests.
-    """
-    return run_simulation(PROJECT, run_config, clients, output_dir, cpus_per_client=os.cpu_count() or 1)
+
+def simulate(run_config: str, clients: int, output_dir: Path) -> Path:
+    """`run_simulation` of the project with a single Ray actor holding every CPU."""
+    return run_simulation(PROJECT, run_config, clients, output_dir, cpus_per_client=ONE_ACTOR_CPUS)
 
 
 @pytest.fixture(scope="session")

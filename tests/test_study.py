@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import statistics
 import sys
 
@@ -14,7 +13,7 @@ from fedllm.cli import main as fedllm_main
 from fedllm.config import ConfigError
 from fedllm.models import builtin_weights_digest
 from fedllm.study import load_study
-from tests.conftest import PROJECT
+from tests.conftest import ONE_ACTOR_CPUS, PROJECT
 
 
 def read_rows(folder):
@@ -72,7 +71,7 @@ seed = [0, 1]
 [[runs]]
 model = "builtin:nonexistent"
 """)
-    out, one_actor = tmp_path / "out", ["--cpus-per-client", str(os.cpu_count() or 1)]  # see tests.conftest.simulate
+    out, one_actor = tmp_path / "out", ["--cpus-per-client", str(ONE_ACTOR_CPUS)]
     assert fedllm_main(["study", str(study_file), "--out", str(out), *one_actor]) == 1, "one run fails, so the study says so"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 5
