@@ -60,8 +60,8 @@ class Worker:
         key = (node.data_path, cfg.dataset, cfg.partition, node.partition_id, node.num_partitions, cfg.seed,
                cfg.train_per_task, cfg.baseline)
         if key not in self.data:
-            limit = getattr(self.base.config, "max_position_embeddings", 512)
-            self.data[key] = encode(self.tokenizer, client_examples(cfg, node), min(limit, 512))
+            context = getattr(self.base.config, "max_position_embeddings", 512) - self.method.virtual_tokens()
+            self.data[key] = encode(self.tokenizer, client_examples(cfg, node), min(context, 512))
         return self.data[key]
 
 

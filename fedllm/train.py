@@ -18,13 +18,24 @@ Encoded = tuple[list[int], list[int]]  # (input ids, labels with the prompt mask
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> list[Encoded]:
-    """Token ids of prompt + answer + eos; only the answer and eos are learned."""
+    """Token ids of prompt + answer + eos; only the answer and eos are learned.
+
+    A sequence longer than `max_length` loses the start of its prompt, so the whole answer is still
+    learned. Only an answer + eos longer than `max_length - 1` is itself cut: the sequence is then the
+    prompt's last token and the first `max_length - 1` answer tokens (eos lost). The cut is written
+    here, not in a helper, because the builtin models' cache key hashes this function's source.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a prompt token and an answer token), got {max_length}")
     encoded = []
     for example in examples:
         prompt = tokenizer(prompt_text(example), add_special_tokens=False)["input_ids"]
         answer = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_length]
-        labels = ([IGNORE] * len(prompt) + answer)[:max_length]
+        if len(prompt) + len(answer) > max_length:  # keep the prompt's end; cut the answer only if it must
+            answer = answer[: max_length - 1]
+            prompt = prompt[len(prompt) - (max_length - len(answer)) :]
+        ids = prompt + answer
+        labels = [IGNORE] * len(prompt) + answer
         encoded.append((ids, labels))
     return encoded
 
@@ -98,16 +109,20 @@ def train_steps(
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
-    max_new_tokens: int, batch_size: int = 128,
+    max_new_tokens: int, batch_size: int = 128, *, max_length: int | None = None,
 ) -> list[str]:
     """Greedy continuations of each example's prompt, cut at eos.
 
-    Prompts are batched by equal length, so there is no padding and no position shift. Not
-    `generate`: with peft's prompt-learning methods (peft 0.21, transformers 5) it gets only the
-    first token right.
+    With `max_length` (the model's context), a prompt is cut from its left so that prompt +
+    `max_new_tokens` fits; None cuts nothing. Prompts are batched by equal length, so there is no
+    padding and no position shift. Not `generate`: with peft's prompt-learning methods (peft 0.21,
+    transformers 5) it gets only the first token right.
     """
     device = next(model.parameters()).device
+    room = _prompt_room(max_length, max_new_tokens)
     prompts = [tokenizer(prompt_text(e), add_special_tokens=False)["input_ids"] for e in examples]
+    if room is not None:
+        prompts = [prompt[-room:] for prompt in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, prompt in enumerate(prompts):
         by_length[len(prompt)].append(index)
@@ -120,6 +135,21 @@ def generate_answers(
             for row, tokens in zip(chunk, _greedy(model, ids, max_new_tokens, tokenizer.eos_token_id)):
                 answers[row] = tokenizer.decode(tokens, skip_special_tokens=True)
     return answers
+
+
+def _prompt_room(max_length: int | None, max_new_tokens: int) -> int | None:
+    """How many of a prompt's last tokens fit before `max_new_tokens` in `max_length` (at least 1);
+    None (keep them all) without a `max_length`."""
+    if max_length is None:
+        return None
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a prompt token and a new token), got {max_length}")
+    if max_new_tokens >= max_length:
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in max_length ({max_length}) "
+            f"tokens; generate fewer tokens or pass a longer max_length"
+        )
+    return max_length - max_new_tokens
 
 
 def _greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_id: int) -> list[list[int]]:
@@ -157,12 +187,32 @@ def _prompt_learning(model: torch.nn.Module) -> bool:
     return bool(config is not None and config.is_prompt_learning)
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """Positions left for real tokens: the base config's `max_position_embeddings`, less the virtual
+    tokens of a peft prompt-learning method; None when the config does not say."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    if positions is None or not _prompt_learning(model):
+        return positions
+    return positions - model.active_peft_config.num_virtual_tokens
+
+
 def evaluate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int = 128,
+    *, max_length: int | None = None,
 ) -> dict[str, float]:
-    """Exact-match accuracy per task (answers compared after stripping surrounding spaces)."""
+    """Exact-match accuracy per task (answers compared after stripping surrounding spaces).
+
+    With `max_length` (see `context_length`) long prompts are cut from the left, and at most
+    `max_length - 1` tokens are generated, so nothing runs past the model's positions.
+    """
+    if not examples:
+        raise ValueError("no test examples to evaluate: the test split is empty; give the data set tasks "
+                         "with at least 2 examples each so that the split keeps some for testing")
     longest = max(len(tokenizer(e.output, add_special_tokens=False)["input_ids"]) for e in examples)
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens=longest + 2, batch_size=batch_size)
+    new_tokens = longest + 2 if max_length is None else min(longest + 2, max_length - 1)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens=new_tokens, batch_size=batch_size,
+                               max_length=max_length)
     hits: dict[str, list[bool]] = defaultdict(list)
     for example, answer in zip(examples, answers):
         hits[example.task].append(answer.strip() == example.output.strip())

@@ -8,7 +8,7 @@ from fedllm.config import RunConfig
 from fedllm.data import Example
 from fedllm.methods import Tensors, build_method
 from fedllm.models import load_model, pick_device
-from fedllm.train import evaluate
+from fedllm.train import context_length, evaluate
 
 
 class ServerModel:
@@ -24,7 +24,7 @@ class ServerModel:
     def evaluate(self, global_update: Tensors) -> dict[str, float]:
         """Per-task exact-match accuracy of the server model on the held-out test split."""
         self.method.install_global(self.model, global_update)
-        return evaluate(self.model, self.tokenizer, self.test)
+        return evaluate(self.model, self.tokenizer, self.test, max_length=context_length(self.model))
 
     def export(self, global_update: Tensors, out_dir: Path) -> float:
         """Save `adapter/` (peft's format) and, where the method merges into weights, `model/`

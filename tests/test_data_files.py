@@ -158,6 +158,17 @@ def test_non_finite_number(tmp_path):
     assert "data.jsonl line 1: field 'output' must be text" in error(path)
 
 
+def test_json_nested_too_deeply_is_a_dataset_error_naming_the_file(tmp_path):
+    path = write(tmp_path, "data.json", "[" * 100_000 + "]" * 100_000)
+    assert "data.json: the JSON is nested too deeply" in error(path)
+
+
+def test_jsonl_nested_too_deeply_is_a_dataset_error_naming_the_line(tmp_path):
+    deep = '{"instruction": "a", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = write(tmp_path, "data.jsonl", '{"instruction": "a", "output": "1"}\n' + deep + "\n")
+    assert "data.jsonl line 2: the JSON is nested too deeply" in error(path)
+
+
 def test_csv_error_line_counts_header_as_line_1(tmp_path):
     text = 'instruction,output\nq1,a1\n"multi\nline",a2\nq3,\n'
     path = write(tmp_path, "data.csv", text)

@@ -109,7 +109,7 @@ def ref_median(rows, w):
 def ref_trimmed_mean(rows, w, beta):
     rows = np.asarray(rows, dtype=np.float64)[np.asarray(w) > 0]
     m = rows.shape[0]
-    cut = math.floor(round(beta * m, 9))
+    cut = min(math.ceil(round(beta * m, 9)), (m - 1) // 2)
     out = []
     for j in range(rows.shape[1]):
         col = sorted(rows[:, j])
@@ -247,8 +247,37 @@ def test_trimmed_mean_by_hand():
     # [-50, 0, 1, 2, 3] -> mean(0, 1, 2) = 1
     x = t([[1, -50], [2, 0], [3, 1], [4, 2], [100, 3]])
     close(M.trimmed_mean(x, t([1, 1, 1, 1, 1]), beta=0.2), [3, 1])
-    # beta 0.1 -> floor(0.5) = 0 dropped: plain mean
-    close(M.trimmed_mean(x, t([1, 1, 1, 1, 1]), beta=0.1), [22, -8.8])
+    # beta 0.1 -> ceil(0.5) = 1 dropped at each end as well
+    close(M.trimmed_mean(x, t([1, 1, 1, 1, 1]), beta=0.1), [3, 1])
+    # beta 0 -> nothing dropped: plain mean
+    close(M.trimmed_mean(x, t([1, 1, 1, 1, 1]), beta=0.0), [22, -8.8])
+
+
+def test_trimmed_mean_at_default_beta_ignores_one_huge_client_among_three():
+    x = t([[1.0, -2.0], [2.0, -1.0], [3.0, 0.0]])
+    x[1] *= 1e6  # one client's update blown up a million times: [2e6, -1e6]
+    merged = M.trimmed_mean(x, t([1, 1, 1]))
+    # per coordinate the outlier and the opposite extreme are cut: an honest client's value is kept
+    close(merged, [3.0, -2.0])
+    assert M.OPERATORS["weighted_average"](x, t([1, 1, 1])).abs().max() > 1e5  # what the mean would give
+
+
+def test_trimmed_mean_of_two_clients_trims_nothing():
+    x = t([[1.0, 10.0], [5.0, -4.0]])
+    close(M.trimmed_mean(x, t([1, 1])), [3.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("k", "beta", "cut"),
+    [(1, 0.1, 0), (2, 0.1, 0), (3, 0.1, 1), (10, 0.1, 1), (11, 0.1, 2), (20, 0.1, 2), (21, 0.1, 3),
+     (3, 0.45, 1), (4, 0.45, 1), (7, 0.0, 0), (100, 0.07, 7)],
+)
+def test_trimmed_mean_cuts_ceil_beta_k_at_each_end_keeping_at_least_one(k, beta, cut):
+    # clients hold the squares 0, 1, 4, ... in shuffled order: each cut gives a different mean
+    squares = torch.arange(k, dtype=torch.float64) ** 2
+    x = squares[torch.randperm(k, generator=torch.Generator().manual_seed(k))][:, None].repeat(1, 3).float()
+    expected = squares[cut : k - cut].mean().item()
+    close(M.trimmed_mean(x, torch.ones(k), beta=beta), [expected] * 3)
 
 
 # ============================================================================ against references

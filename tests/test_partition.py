@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
 
 import pytest
 
+from fedllm.data import DatasetError, load_splits
 from fedllm.data.example import Example
 from fedllm.data.partition import PartitionScheme, describe_partitions, parse_partition, partition_indices
 from fedllm.data.split import train_test_split
@@ -232,6 +234,32 @@ def test_split_deterministic():
     examples = make_examples()
     assert train_test_split(examples, 0.3, seed=7) == train_test_split(examples, 0.3, seed=7)
     assert train_test_split(examples, 0.3, seed=7) != train_test_split(examples, 0.3, seed=8)
+
+
+def write_jsonl(path, tasks):
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a", "task": task}) + "\n"
+                            for i, task in enumerate(tasks)))
+    return str(path)
+
+
+def test_load_splits_refuses_a_file_whose_every_task_has_one_example(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [f"task{i}" for i in range(10_000)])
+    with pytest.raises(DatasetError) as info:
+        load_splits(path, seed=0, train_per_task=1, test_per_task=1, test_fraction=0.2)
+    assert str(info.value).startswith(f"{path}: no test examples: every one of its 10000 tasks has a single example")
+    assert "group examples under fewer task names" in str(info.value)
+
+
+def test_load_splits_refuses_a_file_of_one_example(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", ["only"])
+    with pytest.raises(DatasetError, match="no test examples: its only task has a single example"):
+        load_splits(path, seed=0, train_per_task=1, test_per_task=1, test_fraction=0.2)
+
+
+def test_load_splits_accepts_a_file_with_one_task_of_two_examples(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", ["t", "t"] + [f"solo{i}" for i in range(5)])
+    train, test = load_splits(path, seed=0, train_per_task=1, test_per_task=1, test_fraction=0.2)
+    assert [e.task for e in test] == ["t"] and len(train) == 6
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, True, "0.2", float("nan")])

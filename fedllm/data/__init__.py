@@ -23,7 +23,25 @@ def load_splits(
         examples = load_hf_dataset(dataset[len(HF_PREFIX):])
     else:
         examples = load_examples(dataset)
-    return train_test_split(examples, test_fraction, seed)
+    train, test = train_test_split(examples, test_fraction, seed)
+    _check_splits(dataset, examples, train, test)
+    return train, test
+
+
+def _check_splits(dataset: str, examples: list[Example], train: list[Example], test: list[Example]) -> None:
+    """Refuse a split that leaves nothing to train on or nothing to evaluate, saying why, here
+    rather than as a crash at the first evaluation."""
+    if not train:
+        raise DatasetError(f"{dataset}: no training examples after the train/test split of its "
+                           f"{len(examples)} examples; give it more examples or lower test-fraction")
+    if not test:
+        tasks = len({e.task for e in examples})
+        which, fix = ((f"every one of its {tasks} tasks has", "group examples under fewer task names") if tasks > 1
+                      else ("its only task has", "add examples"))
+        raise DatasetError(
+            f"{dataset}: no test examples: {which} a single example (a task needs >= 2 examples to give "
+            f"one to the test split); {fix}"
+        )
 
 
 def client_share(train: list[Example], partition: str, partition_id: int, num_partitions: int, seed: int) -> list[Example]:

@@ -95,6 +95,8 @@ def _load_json(text: str, name: str) -> list[Example]:
         raise DatasetError(
             f"{name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
         ) from exc
+    except RecursionError as exc:
+        raise _too_deep(name) from exc
     if not isinstance(data, list):
         raise DatasetError(
             f"{name}: expected a top-level JSON list of records, got {_kind(data)} "
@@ -115,8 +117,18 @@ def _load_jsonl(text: str, name: str) -> list[Example]:
             raise DatasetError(
                 f"{name} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
             ) from exc
+        except RecursionError as exc:
+            raise _too_deep(f"{name} line {lineno}") from exc
         examples.append(_to_example(record, f"{name} line {lineno}"))
     return examples
+
+
+def _too_deep(where: str) -> DatasetError:
+    """The error for JSON nested deeper than Python's parser recurses (records need only one level)."""
+    return DatasetError(
+        f"{where}: the JSON is nested too deeply to parse; a record is one object of text fields, "
+        f"so remove the nested lists or objects"
+    )
 
 
 def _load_csv(text: str, name: str) -> list[Example]:

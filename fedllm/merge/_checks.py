@@ -132,6 +132,14 @@ def fraction_count(fraction: float, n: int) -> int:
     return math.floor(Fraction(repr(float(fraction))) * n)
 
 
+def fraction_count_ceil(fraction: float, n: int) -> int:
+    """``ceil(fraction * n)`` computed on the decimal value of ``fraction``.
+
+    ``math.ceil(0.07 * 100)`` is 8 in binary floating point; this returns 7.
+    """
+    return math.ceil(Fraction(repr(float(fraction))) * n)
+
+
 def keep_count(density: float, n: int) -> int:
     """Number of entries a client's tensor keeps: ``floor(density * n)``, at least 1."""
     return min(n, max(1, fraction_count(density, n)))

@@ -331,16 +331,21 @@ def median(updates, weights) -> torch.Tensor:
 
 @_operator
 def trimmed_mean(updates, weights, *, beta: float = 0.1) -> torch.Tensor:
-    """Coordinate-wise trimmed mean (Yin et al., arXiv 1803.01498).
+    """Coordinate-wise trimmed mean (after Yin et al., arXiv 1803.01498).
 
-    Per coordinate, drop the ``floor(beta*K)`` smallest and as many largest values, average the
-    rest. Unweighted like :func:`median` (clients with weight 0 left out, ``K`` counts the others).
+    Per coordinate, drop the ``b`` smallest and ``b`` largest values and average the rest, with
+    ``b = min(ceil(beta*K), (K-1)//2)`` (``beta*K`` on beta's decimal value), so at least one value
+    remains. At the default beta 0.1: ``b`` = 0 for K <= 2, 1 for 3 <= K <= 10, 2 for 11 <= K <= 20;
+    beta 0 trims nothing. Yin et al. drop a beta fraction at each end, taking ``beta*K`` to be whole;
+    rounding it down (as Flower's FedTrimmedAvg does) trims nobody below 10 clients at beta 0.1, so
+    one bad client among a few would move the result as much as in the mean: this rounds up.
+    Unweighted like :func:`median` (clients with weight 0 left out, ``K`` counts the others).
     """
     beta = _checks.check_beta(beta)
     flat, p, shape = _prepare(updates, weights)
 
     def inner_mean(rows: list[torch.Tensor]) -> torch.Tensor:
-        cut = _checks.fraction_count(beta, len(rows))
+        cut = min(_checks.fraction_count_ceil(beta, len(rows)), (len(rows) - 1) // 2)
         kept = rows[cut : len(rows) - cut]
         total = kept[0]
         for row in kept[1:]:

@@ -73,6 +73,14 @@ class PeftMethod(ABC):
     def adapter_name(self, rank: int) -> str:
         return f"rank{rank}" if self.uses_rank else "default"
 
+    def virtual_tokens(self) -> int:
+        """Positions of the model's context the method takes for itself (prompt methods' tokens)."""
+        return 0
+
+    def largest_rank(self) -> int | None:
+        """The largest adapter rank this model's layers admit (None where ranks do not apply)."""
+        return None
+
     # -- server side -------------------------------------------------------------------------
 
     @abstractmethod

@@ -43,6 +43,9 @@ class PromptLearning(PeftMethod):
     def for_model(cls, cfg: RunConfig, model: torch.nn.Module) -> PromptLearning:
         return cls(cfg, getattr(model, "name_or_path", ""))
 
+    def virtual_tokens(self) -> int:
+        return self.cfg.num_virtual_tokens
+
     def zero_update(self) -> Tensors:
         return {name: torch.zeros_like(tensor) for name, tensor in self.started().items()}
 
