@@ -37,8 +37,8 @@ def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition, rank and data size (no data leaves the node)."""
     cfg, node = _setup(context)
-    info = MetricRecord({"partition-id": node.partition_id, "lora-rank": node.rank,
-                         "num-examples": len(client_examples(cfg, node))})
+    info = faults.apply_to_query(cfg, node.partition_id, MetricRecord({
+        "partition-id": node.partition_id, "lora-rank": node.rank, "num-examples": len(client_examples(cfg, node))}))
     model = ConfigRecord({"client-model": node.client_model})
     return Message(RecordDict({"node": info, "node-model": model}), reply_to=msg)
 

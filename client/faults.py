@@ -16,7 +16,15 @@ in simulation and in deployment:
 | `examples-absurd` | `num-examples = 10^12` |
 | `metrics-type` | `train_loss` as text (e.g. `'0.513'`, in a ConfigRecord) instead of a number |
 | `crash` | the ClientApp raises an exception (Flower turns it into an error reply) |
-| `hang` | the ClientApp sleeps past `round-timeout` before replying |
+| `hang` | the ClientApp sleeps `round-timeout` + 5 s, so its reply arrives after its round closed |
+
+Three more act on the node's start-up answer instead (the server's node checks):
+
+| kind | what the start-up answer gets |
+|---|---|
+| `query-rank` | `lora-rank = 0` |
+| `query-missing` | no `num-examples` |
+| `query-examples` | `num-examples = 10^9` |
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from fedllm.config import FAULT_KINDS, RunConfig
 
 Metrics = MetricRecord | ConfigRecord
+HANG_LATE_SECONDS = 5.0  # how long after its round closed a `hang` reply arrives
 
 
 class InjectedFault(RuntimeError):
@@ -37,10 +46,19 @@ class InjectedFault(RuntimeError):
 
 
 def apply(cfg: RunConfig, partition_id: int, arrays: ArrayRecord, metrics: MetricRecord) -> tuple[ArrayRecord, Metrics]:
-    """The reply's records after every fault `fault-injection` sets for this partition."""
+    """The training reply's records after every fault `fault-injection` sets for this partition."""
     for kind in cfg.faults_for(partition_id):
-        arrays, metrics = inject(kind, arrays, metrics, hang_seconds=cfg.round_timeout * 2 + 5)
+        if kind not in _ON_QUERY:
+            arrays, metrics = inject(kind, arrays, metrics, hang_seconds=cfg.round_timeout + HANG_LATE_SECONDS)
     return arrays, metrics
+
+
+def apply_to_query(cfg: RunConfig, partition_id: int, info: MetricRecord) -> MetricRecord:
+    """The start-up answer's `node` record after the query faults set for this partition."""
+    for kind in cfg.faults_for(partition_id):
+        if kind in _ON_QUERY:
+            info = _ON_QUERY[kind](dict(info))
+    return info
 
 
 def inject(kind: str, arrays: ArrayRecord, metrics: Metrics, *, hang_seconds: float = 3600.0) -> tuple[ArrayRecord, Metrics]:
@@ -52,6 +70,8 @@ def inject(kind: str, arrays: ArrayRecord, metrics: Metrics, *, hang_seconds: fl
     if kind == "hang":
         time.sleep(hang_seconds)
         return arrays, metrics
+    if kind in _ON_QUERY:
+        raise ValueError(f"fault kind {kind!r} acts on the start-up answer (apply_to_query), not on a training reply")
     if kind in _ON_METRICS:
         return arrays, _ON_METRICS[kind](dict(metrics))
     state = arrays.to_torch_state_dict()
@@ -106,3 +126,18 @@ def _metrics_type(values: dict) -> ConfigRecord:
 
 _ON_TENSORS = {"nan": _nan, "shape": _shape, "missing": _missing, "extra": _extra, "dtype": _dtype, "norm": _norm}
 _ON_METRICS = {"examples-zero": _examples_zero, "examples-absurd": _examples_absurd, "metrics-type": _metrics_type}
+
+
+def _query_rank(values: dict) -> MetricRecord:
+    return MetricRecord({**values, "lora-rank": 0})
+
+
+def _query_missing(values: dict) -> MetricRecord:
+    return MetricRecord({k: v for k, v in values.items() if k != "num-examples"})
+
+
+def _query_examples(values: dict) -> MetricRecord:
+    return MetricRecord({**values, "num-examples": 10**9})
+
+
+_ON_QUERY = {"query-rank": _query_rank, "query-missing": _query_missing, "query-examples": _query_examples}

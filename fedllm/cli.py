@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedllm.config import ConfigError
 from fedllm.launch import RunFailed, reused_superlink, run_simulation
+from fedllm.outputs import EarlierRunError
 
 DEFAULT_CLIENTS = 6
 
@@ -29,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.app) if args.app else project_dir(), args.run_config, args.clients, out,
             cpus_per_client=args.cpus_per_client, keep_superlink=args.keep_superlink,
         )
-    except (RunFailed, ConfigError) as error:
+    except (RunFailed, ConfigError, EarlierRunError) as error:
         print(f"fedllm run: FAILED: {error}", file=sys.stderr)
         return 1
     summary = json.loads((folder / "summary.json").read_text())

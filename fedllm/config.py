@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fedllm.emulator import ADAPTER_PLACES, ClientModel, parse_client_models
@@ -21,10 +23,19 @@ from fedllm.wire import UploadCodec
 
 # Keys that may differ between a run and its resumption without changing its results.
 RESULT_NEUTRAL_KEYS = (
-    "output-dir", "num-server-rounds", "resume", "resume-from", "round-timeout",
+    "output-dir", "num-server-rounds", "resume", "resume-from", "resume-round", "overwrite", "keep-checkpoints",
+    "round-timeout",
     "fault-injection",  # a testing aid: a run that failed on injected faults may resume without them
     "audit-dir",
 )
+
+# Keys whose value must never reach an output (summary.json, checkpoints, study tables) nor the
+# config digest written beside them (a short hash of a small integer is easily inverted).
+SECRET_KEYS = ("dp-noise-seed",)
+
+LARGEST_INT = 2**31 - 1  # every integer setting is below this: seeds and counts derived from it stay in range
+AUTO = "auto"
+AUTO_NORM_RATIO = 3.0  # max-update-norm = 'auto': updates are scaled down to this multiple of the round's median norm
 
 # Reference runs that show where federated training sits (server/baselines.py).
 BASELINES = ("none", "centralized", "local-only")
@@ -32,7 +43,7 @@ BASELINES = ("none", "centralized", "local-only")
 # What `fault-injection` can make a partition's ClientApp do to its reply (see client/faults.py).
 FAULT_KINDS = (
     "nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero", "examples-absurd", "metrics-type",
-    "crash", "hang",
+    "crash", "hang", "query-rank", "query-missing", "query-examples",
 )
 
 
@@ -231,8 +242,12 @@ class RunConfig:
     test_fraction: float = _key(
         "test-fraction", 0.1, lambda v: 0 < v < 1, "a number in (0, 1)", "file datasets: share held out for evaluation"
     )
-    seed: int = _key("seed", 0, lambda v: v >= 0, "an integer >= 0", "seed of data, sampling and training")
+    seed: int = _key("seed", 0, lambda v: v >= 0, "an integer in [0, 2^31)", "seed of data, sampling and training")
     output_dir: str = _key("output-dir", "", lambda v: True, "a folder path, or '' for outputs/<timestamp>", "where results go")
+    overwrite: bool = _key(
+        "overwrite", False, lambda v: True, "true or false",
+        "replace an earlier run in output-dir (without it, and without resume, such a folder is refused untouched)",
+    )
     round_timeout: float = _key("round-timeout", 3600.0, _positive, "seconds > 0", "longest wait for a round's replies")
     secure_aggregation: bool = _key(
         "secure-aggregation", False, lambda v: True, "true or false",
@@ -290,9 +305,24 @@ class RunConfig:
         "audit-dir", "", lambda v: True, "'' or a folder",
         "write every message the server receives there (what the server could read)",
     )
-    max_update_norm: float | None = _key(
-        "max-update-norm", None, _positive, "'' (off) or a number > 0",
-        "reject a client update whose model-space norm ‖τ_k‖ (L2 over all modules) exceeds this",
+    max_update_norm: float | str | None = _key(
+        "max-update-norm", AUTO, lambda v: v == AUTO or (not isinstance(v, str) and v > 0),
+        "'auto', '' (off) or a number > 0",
+        "bound on a client's model-space update norm ‖τ_k‖: 'auto' scales an update down to "
+        f"{AUTO_NORM_RATIO:g}x the round's median norm (docs/threat-model.md); a number rejects updates above it",
+    )
+    max_weight_ratio: float | None = _key(
+        "max-weight-ratio", 4.0, lambda v: v >= 1, "'' (off) or a number >= 1",
+        "cap on a client's example-count weight, as a multiple of the round's median (claimed examples buy "
+        "no more influence than that)",
+    )
+    max_client_rank: int = _key(
+        "max-client-rank", 256, _positive, "an integer >= 1",
+        "largest LoRA rank a node may report (also at most the smallest adapted layer's min(d_in, d_out))",
+    )
+    max_client_examples: int = _key(
+        "max-client-examples", 10_000_000, _positive, "an integer >= 1",
+        "largest training-example count a node may report; a node claiming more is left out",
     )
     fault_injection: str = _key(
         "fault-injection", "", _is_fault_list,
@@ -306,6 +336,13 @@ class RunConfig:
     resume_from: str = _key(
         "resume-from", "", lambda v: True, "'' or the folder of an earlier run",
         "continue that run from its last completed round (outputs go to output-dir, default the same folder)",
+    )
+    resume_round: int | None = _key(
+        "resume-round", None, lambda v: v >= 0, "'' (the newest checkpoint) or a round >= 0 still kept",
+        "resume: continue after this round instead, rolling back the rounds after it",
+    )
+    keep_checkpoints: int = _key(
+        "keep-checkpoints", 3, _positive, "an integer >= 1", "checkpoints kept (the newest rounds'), for resume-round",
     )
 
     @classmethod
@@ -336,7 +373,15 @@ class RunConfig:
         config.check_client_model_keys()
         if config.resume and not (config.output_dir or config.resume_from):
             raise ConfigError("resume = true needs output-dir set to the folder of the run to continue (or use resume-from)")
+        if config.resume_round is not None and not (config.resume or config.resume_from):
+            raise ConfigError("run-config resume-round needs resume = true (or resume-from)")
+        if config.overwrite and (config.resume or config.resume_from):
+            raise ConfigError("run-config overwrite = true replaces the earlier run; it does not combine with resume")
         return config
+
+    def resumes(self, folder: Path) -> bool:
+        """Whether this run continues the run in `folder` (`resume`, or `resume-from` naming it)."""
+        return self.resume or (bool(self.resume_from) and Path(self.resume_from).expanduser().resolve() == folder)
 
     def aggregation_params(self) -> dict[str, Any]:
         """The `aggregation-<param>` keys that are set, as keyword arguments of the operator."""
@@ -386,7 +431,7 @@ class RunConfig:
         if bad := [key for key, set_ in problems.items() if set_]:
             raise ConfigError(f"run-config {', '.join(bad)} cannot be set with secure-aggregation = true: SecAgg+ "
                               "quantizes and masks every value itself, so leave them at their defaults")
-        if self.max_update_norm is not None:
+        if self.max_update_norm not in (None, AUTO):
             raise ConfigError("run-config max-update-norm needs the server to see each update's norm, which secure "
                               "aggregation hides; bound updates with dp-clip-norm instead, or leave it ''")
         if len({int(r) for r in self.client_ranks.split(",") if r.strip()}) > 1:
@@ -454,6 +499,12 @@ class RunConfig:
 
         return self.learning_rate or METHODS[self.peft_method].default_learning_rate
 
+    def dp_bounds_updates(self) -> bool:
+        """Whether DP or secure aggregation already bounds each update (clip norm C, SecAgg+'s
+        clipping range), so `max-update-norm = 'auto'` has nothing to add (and must not: a bound
+        from the round's median would make one client's clipping depend on the others')."""
+        return self.dp != "none" or self.secure_aggregation
+
     def client_side_dp(self) -> bool:
         """Whether clients clip and add noise themselves (local DP, or DP under secure aggregation)."""
         return self.dp == "local" or (self.dp == "central" and self.secure_aggregation)
@@ -484,11 +535,12 @@ class RunConfig:
         return tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
 
     def as_dict(self) -> dict[str, Any]:
-        """The config under its run-config keys, as written to summary.json."""
-        return {f.metadata["key"]: _toml_value(getattr(self, f.name)) for f in fields(self)}
+        """The config under its run-config keys, as written to outputs: secrets left out."""
+        return {f.metadata["key"]: _toml_value(getattr(self, f.name)) for f in fields(self)
+                if f.metadata["key"] not in SECRET_KEYS}
 
     def digest(self) -> str:
-        """A short hash of the settings that determine the run's results."""
+        """A short hash of the settings that determine the run's results (secrets left out)."""
         settings = {k: v for k, v in self.as_dict().items() if k not in RESULT_NEUTRAL_KEYS}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -506,12 +558,23 @@ def _coerce(key: str, raw: Any, kind: str | type, accepts: str) -> Any:
             return None
         kind = kind[: -len(" | None")]
     bad = ConfigError(f"run-config {key} = {raw!r} is not accepted; expected {accepts}")
+    number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+    if number and not math.isfinite(raw):
+        raise ConfigError(f"run-config {key} = {raw!r} is not accepted; expected a finite value: {accepts}")
     if kind == "int":
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or float(raw) != int(raw):
+        if not number or (isinstance(raw, float) and not raw.is_integer()):
             raise bad
+        if abs(int(raw)) > LARGEST_INT:
+            raise ConfigError(f"run-config {key} = {raw!r} is out of range; expected {accepts}, below 2^31")
         return int(raw)
     if kind == "float":
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        if not number:
+            raise bad
+        return float(raw)
+    if kind == "float | str":  # a number, or the word 'auto'
+        if raw == AUTO:
+            return raw
+        if not number:
             raise bad
         return float(raw)
     if kind == "str":

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from fedllm.config import RunConfig
+from fedllm.outputs import check_output_folder
 
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else the SuperLink tries to install deps
@@ -176,7 +177,11 @@ def run_simulation(
 
     output_dir = output_dir.resolve()
     overrides = f"{run_config} output-dir='{output_dir}'".strip()
-    resolve_model(resolved_config(app_dir, overrides).model)
+    cfg = resolved_config(app_dir, overrides)
+    check_output_folder(output_dir, resuming=cfg.resumes(output_dir), overwrite=cfg.overwrite)
+    resolve_model(cfg.model)
+    summary = output_dir / "summary.json"
+    earlier_summary = summary.stat().st_mtime_ns if summary.exists() else None
     env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
     # flwr starts `flower-superlink` by name: find this environment's even when it is not activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -195,8 +200,7 @@ def run_simulation(
                 for pid in superlink_pids() - already_running:
                     stop_tree(pid)
             reap_orphaned_ray(started_at)
-    summary = output_dir / "summary.json"
-    if not summary.exists():
+    if not summary.exists() or summary.stat().st_mtime_ns == earlier_summary:
         raise RunFailed(
             f"the run wrote no {summary} after {time.perf_counter() - started:.0f} s; "
             "its log above says why (look for ERROR or Traceback)"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import ConfigError, RunConfig
+from fedllm.outputs import earlier_run
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,9 @@ def execute(study: Study, out: Path, run: Callable[[str, int, Path], None]) -> l
         status = "skipped (complete)" if _completed(folder, planned) else "ran"
         settings = {"run": planned.name, "clients": planned.clients, **planned.overrides}
         if status == "ran":
+            resume = " resume=true" if earlier_run(folder) else ""  # a run cut short continues where it stopped
             try:
-                run(run_config_text(planned.overrides), planned.clients, folder)
+                run(run_config_text(planned.overrides) + resume, planned.clients, folder)
             except Exception as error:  # noqa: BLE001 - a failed run is reported, the study goes on
                 rows.append({**settings, "status": f"failed: {error}"})
                 continue

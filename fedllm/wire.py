@@ -53,6 +53,14 @@ def wire_names(shapes: dict[str, torch.Size], codec: UploadCodec) -> dict[str, n
     return {name + suffix: dtype for name in shapes for suffix, dtype in ((INDEX_SUFFIX, np.dtype(np.int32)), (VALUE_SUFFIX, values))}
 
 
+def wire_entries(shapes: dict[str, torch.Size], codec: UploadCodec) -> dict[str, int]:
+    """The most entries each wire array of an upload of these tensors can hold: what a receiver
+    checks an array's declared shape against before decoding it."""
+    if not codec.sparse:
+        return {name: math.prod(shape) for name, shape in shapes.items()}
+    return {name + suffix: math.prod(shape) for name, shape in shapes.items() for suffix in (INDEX_SUFFIX, VALUE_SUFFIX)}
+
+
 def _to_wire(values: torch.Tensor, dtype: str) -> np.ndarray:
     cast = values.detach().to(DTYPES[dtype]).contiguous().cpu()
     if dtype == "bfloat16":

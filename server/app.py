@@ -11,11 +11,12 @@ from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm.checkpoint import STATE_FILE, RunState, load_state
+from fedllm.checkpoint import RunState, load_state
 from fedllm.config import RunConfig
 from fedllm.data import load_splits
 from fedllm.logs import quiet_third_party
 from fedllm.models import builtin_weights_digest
+from fedllm.outputs import earlier_run, make_private, private_folder
 from server.grid import MeteredGrid
 from server.loop import run_rounds
 from server.model import ServerModel
@@ -27,14 +28,26 @@ app = ServerApp()
 
 
 def resumed_state(cfg: RunConfig, out_dir: Path) -> RunState | None:
-    """The state to continue from (`resume-from`, or `output-dir` with `resume`), else None."""
+    """The state to continue from (`resume-from`, or `output-dir` with `resume`; the newest
+    checkpoint or that of `resume-round`), else None."""
     if cfg.resume_from:
-        return load_state(Path(cfg.resume_from).expanduser().resolve(), cfg.as_dict(), cfg.digest())
-    if cfg.resume and (out_dir / STATE_FILE).exists():
-        return load_state(out_dir, cfg.as_dict(), cfg.digest())
+        return load_state(Path(cfg.resume_from).expanduser().resolve(), cfg.as_dict(), cfg.digest(), cfg.resume_round)
+    if cfg.resume and earlier_run(out_dir):
+        return load_state(out_dir, cfg.as_dict(), cfg.digest(), cfg.resume_round)
     if cfg.resume:
         log(INFO, "resume = true but %s has no run state yet: starting from round 0", out_dir)
     return None
+
+
+def export(server: ServerModel, final_update, out_dir: Path) -> float:  # noqa: ANN001 - a Delta
+    """`model/` and `adapter/` written by transformers and peft into private folders (never
+    through a link), tightened to 0700 / 0600 after."""
+    names = ("model", "adapter") if server.method.merges_into_weights else ("adapter",)
+    folders = [private_folder(out_dir / name) for name in names]
+    error = server.export(final_update, out_dir)
+    for folder in folders:
+        make_private(folder)
+    return error
 
 
 @app.main()
@@ -56,11 +69,12 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(out_dir, cfg)
     global_delta = run_rounds(grid, strategy, server, recorder, cfg.num_server_rounds, cfg.round_timeout, resumed)
     final = strategy.final_update(global_delta)
-    adapter_error = server.export(final, out_dir) if final is not None else None
+    adapter_error = export(server, final, out_dir) if final is not None else None
     summary = recorder.finish(
         adapter_truncation_error=adapter_error,
         refactor_error=recorder.rounds[-1].get("refactor_error", {}),
         nodes=sorted((asdict(info) for info in strategy.nodes.values()), key=lambda n: n["partition_id"]),
+        refused_nodes={str(node): reason for node, reason in sorted(strategy.refused.items())},
         wall_seconds=time.perf_counter() - started,
         base_weights=builtin_weights_digest(cfg.model),
         **({"emulators": strategy.emulators.report()} if strategy.emulators is not None else {}),

@@ -85,6 +85,9 @@ class LocalOnlyStrategy(ModelSpaceStrategy):
         check_rank(node_id, metrics, [self.nodes[node_id].rank])
         return self.sent_to(node_id)
 
+    def bounded_influence(self, updates: list[Delta], weights: list[float], nodes: list[int]) -> tuple[list[Delta], list[float]]:
+        return updates, weights  # nothing is merged: no client's update reaches another's model
+
     def updated_global(self, server_round: int, updates: list[Delta], weights: list[float], nodes: list[int]) -> Delta:
         """Each client's `τ_k` added to its own partition's update; nothing is merged."""
         new_global = dict(self.current)

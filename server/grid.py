@@ -20,6 +20,8 @@ from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from fedllm.outputs import private_folder, write_private
+
 POLL_SECONDS = 0.1
 
 
@@ -79,10 +81,9 @@ class MeteredGrid(Grid):
     def audit(self, node: int, content: RecordDict) -> None:
         if self.audit_dir is None:
             return
-        self.audit_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.audit_dir)
         self.audited += 1
-        path = self.audit_dir / f"{self.audited:06d}-node{node}.pb"
-        path.write_bytes(recorddict_to_proto(content).SerializeToString())
+        write_private(self.audit_dir / f"{self.audited:06d}-node{node}.pb", recorddict_to_proto(content).SerializeToString())
 
 
 def exchange(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from logging import INFO, WARNING
 
@@ -11,13 +12,12 @@ from flwr.serverapp import Grid
 
 from fedllm.adapters import Delta
 from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
-from fedllm.emulator import FULL
 from server.grid import MeteredGrid, exchange
 from server.model import ServerModel
 from server.record import RunRecorder
 from server.secure import RoundResult, secure_round
 from server.strategy import ModelSpaceStrategy
-from server.validation import NodeInfo
+from server.validation import NodeRefused, PartitionHeld, error_summary
 
 
 def reply_metric(reply: Message, key: str) -> int | float | None:
@@ -41,32 +41,28 @@ def refresh_nodes(grid: Grid, strategy: ModelSpaceStrategy, timeout: float, wait
         log(INFO, "waiting for nodes: %d connected, min-clients = %d", len(online), strategy.min_train_nodes)
         time.sleep(1)
     online = set(grid.get_node_ids())
-    new = sorted(online - set(strategy.nodes))
-    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-    for reply in exchange(grid, queries, timeout, on_reply=lambda r: None) if queries else []:
-        if reply.has_error():
-            log(WARNING, "node %d could not start: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        info = reply.content["node"]
-        node = NodeInfo(int(info["partition-id"]), int(info["lora-rank"]), int(info["num-examples"]),
-                        client_model_of(reply))
-        try:
-            strategy.admit(node)
-        except ValueError as error:
-            log(WARNING, "node %d cannot take part: %s", reply.metadata.src_node_id, error)
-            continue
-        strategy.nodes[reply.metadata.src_node_id] = node
-        log(INFO, "node %d joined: partition %s, rank %s, %s examples, %s", reply.metadata.src_node_id,
-            info["partition-id"], info["lora-rank"], info["num-examples"], node.client_model)
     strategy.online = online & set(strategy.nodes)
+    new = sorted(online - set(strategy.nodes) - set(strategy.refused))
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+    replies = exchange(grid, queries, timeout, on_reply=lambda r: None) if queries else []
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # who claims a partition first: not timing
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %d could not start: %s", node_id, error_summary(reply.error.reason))
+            continue
+        try:
+            node = strategy.admit(node_id, reply.content)
+        except PartitionHeld as reason:
+            log(WARNING, "%s; asking it again next round", reason)
+            continue
+        except NodeRefused as reason:
+            strategy.refuse(node_id, str(reason))
+            continue
+        log(INFO, "node %d joined: partition %d, rank %d, %d examples, %s", node_id,
+            node.partition_id, node.rank, node.num_examples, node.client_model)
     if len(strategy.online) < strategy.min_train_nodes:
-        raise RuntimeError(f"only {len(strategy.online)} usable node(s); min-clients = {strategy.min_train_nodes}")
-
-
-def client_model_of(reply: Message) -> str:
-    """The client model a node reported ('full' from nodes that say nothing of it)."""
-    record = reply.content.config_records.get("node-model")
-    return str(record.get("client-model", FULL)) if record is not None else FULL
+        raise RuntimeError(f"only {len(strategy.online)} usable node(s); min-clients = {strategy.min_train_nodes}"
+                           + (f"; left out: {'; '.join(strategy.refused.values())}" if strategy.refused else ""))
 
 
 def run_rounds(
@@ -112,6 +108,7 @@ def run_rounds(
         result = play(grid, strategy, server_round, rounds, arrays, timeout)
         arrays = result.arrays
         global_delta = arrays.to_torch_state_dict()  # once per round: evaluation and checkpoint share it
+        check_global_update(global_delta, server_round)
         evaluating = time.perf_counter()
         per_task, scores = strategy.evaluate(server, global_delta)
         evaluate_seconds = time.perf_counter() - evaluating
@@ -123,6 +120,7 @@ def run_rounds(
             server_round, per_task,
             train_loss=result.metrics["train_loss"], clients=result.metrics["clients"],
             rejected=result.metrics["rejected"], rejected_reasons=strategy.rejected, timed_out=result.timed_out,
+            bounded=strategy.bounded,
             upload_bytes=sum(upload.values()), download_bytes=sum(download.values()),
             client_upload_bytes=upload, client_download_bytes=download,
             refactor_error={str(r): s.relative_error for r, s in strategy.sent.items()},
@@ -172,10 +170,27 @@ def plain_round(
     return RoundResult(arrays, metrics, len(messages) - len(replies), processes, train_seconds, aggregate_seconds)
 
 
+# No fine-tuning moves a weight by this much: a global update with a larger entry is corrupt.
+ABSURD_ENTRY = 1e4
+
+
+def check_global_update(global_delta: Delta, server_round: int) -> None:
+    """Fail the round, before anything is evaluated or checkpointed, if the new global update is
+    not finite or absurdly large; the run can resume from the last good round."""
+    for module, tensor in global_delta.items():
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if not math.isfinite(largest) or largest > ABSURD_ENTRY:
+            raise RuntimeError(
+                f"round {server_round}: the merged global update of {module} has an entry of {largest:.3g} "
+                f"(non-finite or above {ABSURD_ENTRY:g}); the round is discarded and nothing is checkpointed. "
+                "Resume from an earlier round (resume-round) with stricter max-update-norm / aggregation settings"
+            )
+
+
 def checkpoint(recorder: RunRecorder, strategy: ModelSpaceStrategy, global_delta: Delta, server_round: int) -> None:
     """Save what a resumed run needs to continue after `server_round`."""
     cfg = strategy.cfg
     save_state(recorder.out_dir, RunState(
         server_round, global_delta, strategy.optimizer_state, recorder.rounds,
         cfg.as_dict(), cfg.digest(), capture_rng(),
-    ))
+    ), keep=cfg.keep_checkpoints)

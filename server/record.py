@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -9,25 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import RunConfig
+from fedllm.outputs import append_private, claim_output_folder, write_private
 from fedllm.train import mean_accuracy
 
 
 def output_dir_for(cfg: RunConfig) -> Path:
-    """`output-dir`, else the `resume-from` folder, else outputs/<timestamp>; created, absolute."""
+    """`output-dir`, else the `resume-from` folder, else outputs/<timestamp>: absolute, private, and
+    refused (untouched) if it holds an earlier run this one does not resume or overwrite."""
     chosen = cfg.output_dir or cfg.resume_from or os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S"))
     path = Path(chosen).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temporary file, fsync, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    return claim_output_folder(path, resuming=cfg.resumes(path), overwrite=cfg.overwrite)
 
 
 class RunRecorder:
@@ -39,24 +31,18 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.stop_reason = ""  # why the run ended before num-server-rounds ('' if it did not)
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        write_private(self.metrics_path, b"")
 
     def restore(self, rows: list[dict[str, Any]]) -> None:
         """Continue from a resumed run's rows (metrics.jsonl is rewritten to exactly those)."""
         self.rounds = list(rows)
-        with open(self.metrics_path, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_private(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
     def record(self, server_round: int, per_task: dict[str, float], **fields: Any) -> dict[str, Any]:
         row = {"round": server_round, "accuracy": mean_accuracy(per_task), "per_task_accuracy": per_task, **fields,
                "time": time.time()}
         self.rounds.append(row)
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_private(self.metrics_path, json.dumps(row) + "\n")
         return row
 
     def finish(self, **fields: Any) -> dict[str, Any]:
@@ -74,13 +60,13 @@ class RunRecorder:
             **fields,
             "config": self.cfg.as_dict(),
         }
-        write_json_atomic(self.out_dir / "summary.json", summary)
-        plot_accuracy(self.rounds, self.out_dir / "accuracy.png")
+        write_private(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        write_private(self.out_dir / "accuracy.png", plot_accuracy(self.rounds))
         return summary
 
 
-def plot_accuracy(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Mean and per-task accuracy per round, and the clients' train loss."""
+def plot_accuracy(rounds: list[dict[str, Any]]) -> bytes:
+    """Mean and per-task accuracy per round, and the clients' train loss, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,5 +83,7 @@ def plot_accuracy(rounds: list[dict[str, Any]], path: Path) -> None:
     loss_ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], marker="o")
     loss_ax.set(xlabel="round", ylabel="mean client train loss", title="local training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    return image.getvalue()

@@ -20,16 +20,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedllm.adapters import Delta
-from fedllm.config import RunConfig
+from fedllm.config import AUTO, AUTO_NORM_RATIO, RunConfig
 from fedllm.emulator import FULL, LayerMap
 from fedllm.merge import RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
+from fedllm.robust import cap_weights, clip_to_median
 from server.dp import ServerDp
 from server.emulators import EmulatorFleet, restrict
 from server.model import ServerModel
 from server.validation import (
-    NodeInfo, ReplyRejected, check_examples, check_norm, check_rank, check_train_loss, checked_upload,
-    error_summary, reply_records,
+    NodeBounds, NodeInfo, NodeRefused, PartitionHeld, ReplyRejected, check_examples, check_norm, check_rank,
+    check_train_loss, checked_node, checked_upload, error_summary, reply_records,
 )
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,12 @@ class ModelSpaceStrategy(Strategy):
         self.operator_params = cfg.aggregation_params()
         self.optimizer = cfg.server_optimizer_settings()
         self.optimizer_state: dict[str, Delta] = {}  # server optimizer moments; part of the run state
-        self.nodes: dict[int, NodeInfo] = {}  # every node that ever answered the start-up query
+        self.nodes: dict[int, NodeInfo] = {}  # every node admitted after its start-up answer
+        self.refused: dict[int, str] = {}  # node -> why it was left out (it is not asked again)
         self.online: set[int] = set()  # those connected at the start of this round
         self.sent: dict[int, Sent] = {}  # rank -> what nodes of that rank were sent this round
         self.rejected: list[str] = []
+        self.bounded: list[str] = []  # this round's updates scaled down and weights capped, per node
         self.outbox: list[Message] = []  # this round's train messages (message ids are set when pushed)
         self.current: Delta = {}  # ΔW_g as of configure_train
         self.refactor_seconds = 0.0  # this round's time to compute what each rank is sent
@@ -112,13 +115,35 @@ class ModelSpaceStrategy(Strategy):
             return {"arrays": ArrayRecord(state)}
         return self.emulators.records(node_id, self.nodes[node_id].client_model, state)
 
-    def admit(self, node: NodeInfo) -> None:
-        """Raise `ValueError` saying why if this run cannot train `node`'s client model (the
-        emulator it asks for is built here, once per run)."""
-        if self.emulators is not None:
-            self.emulators.layer_map(node.client_model)
-        elif node.client_model != FULL:
-            raise ValueError(f"client-model {node.client_model!r} {self.cfg.emulator_refusal()}")
+    @property
+    def node_bounds(self) -> NodeBounds:
+        """What a start-up answer may claim in this run (the rank bound also from the model's layers)."""
+        largest = self.method.largest_rank() or self.cfg.max_client_rank
+        return NodeBounds(min(self.cfg.max_client_rank, largest), self.cfg.max_client_examples)
+
+    def admit(self, node_id: int, content: RecordDict) -> NodeInfo:
+        """Register a node from its start-up answer, or raise `NodeRefused` saying why it cannot take
+        part: a field out of bounds, a partition an online node already holds, a client model this
+        run cannot train (the emulator it asks for is built here, once per run)."""
+        node = checked_node(node_id, content, self.node_bounds)
+        holder = next((n for n in self.online if self.nodes[n].partition_id == node.partition_id), None)
+        if holder is not None:
+            raise PartitionHeld(f"node {node_id}: partition-id {node.partition_id} is already held by online node {holder}")
+        try:
+            if self.emulators is not None:
+                self.emulators.layer_map(node.client_model)
+            elif node.client_model != FULL:
+                raise ValueError(f"client-model {node.client_model!r} {self.cfg.emulator_refusal()}")
+        except ValueError as error:
+            raise NodeRefused(f"node {node_id}: {error}") from None
+        self.nodes[node_id] = node
+        self.online.add(node_id)
+        return node
+
+    def refuse(self, node_id: int, reason: str) -> None:
+        """Leave a node out of the run for good, with the reason (logged and in summary.json)."""
+        self.refused[node_id] = reason
+        log.warning("node %d cannot take part: %s", node_id, reason)
 
     def layer_map(self, node_id: int) -> LayerMap | None:
         """The emulator layers `node_id` trains on (None: the full model)."""
@@ -153,7 +178,7 @@ class ModelSpaceStrategy(Strategy):
         upload = self.checked_upload(node, arrays, self.method.upload_shapes(sent, additive))
         examples = check_examples(node, metrics, self.nodes.get(node))
         tau = self.method.update_from_upload(upload, sent, additive)
-        check_norm(node, tau, self.cfg.max_update_norm)
+        check_norm(node, tau, None if self.cfg.max_update_norm == AUTO else self.cfg.max_update_norm)
         return tau, float(examples)
 
     def checked_upload(self, node: int, arrays: ArrayRecord, shapes: dict[str, torch.Size]) -> Delta:
@@ -220,7 +245,7 @@ class ModelSpaceStrategy(Strategy):
         Invalid replies are dropped with a logged reason; fewer than `min-clients` valid ones
         fail the round (the run can then resume from its last completed round).
         """
-        updates, weights, losses, nodes, self.rejected = [], [], [], [], []
+        updates, weights, losses, nodes, self.rejected, self.bounded = [], [], [], [], [], []
         for reply in sorted(replies, key=self.reply_order):
             try:
                 tau, examples = self.client_update(reply)
@@ -237,12 +262,26 @@ class ModelSpaceStrategy(Strategy):
                 f"round {server_round}: only {len(updates)} valid replies (min-clients = {self.min_train_nodes}); "
                 f"rejected: {self.rejected or 'none'}"
             )
+        loss = float(sum(l * n for l, n in zip(losses, weights)) / sum(weights))
+        updates, weights = self.bounded_influence(updates, weights, nodes)
         new_global = self.updated_global(server_round, updates, weights, nodes)
-        metrics = MetricRecord({
-            "train_loss": float(sum(l * n for l, n in zip(losses, weights)) / sum(weights)),
-            "clients": len(updates), "rejected": len(self.rejected),
-        })
+        metrics = MetricRecord({"train_loss": loss, "clients": len(updates), "rejected": len(self.rejected)})
         return ArrayRecord(new_global), metrics
+
+    def bounded_influence(self, updates: list[Delta], weights: list[float], nodes: list[int]) -> tuple[list[Delta], list[float]]:
+        """The updates and weights with each client's influence bounded relative to the round
+        (`max-update-norm = 'auto'`, `max-weight-ratio`); what was bounded is noted per node."""
+        if self.cfg.max_update_norm == AUTO and not self.cfg.dp_bounds_updates():
+            updates, clipped = clip_to_median(updates, AUTO_NORM_RATIO)
+            self.bounded += [f"node {nodes[k]}: update scaled down to {AUTO_NORM_RATIO:g}x the round's median norm"
+                             for k in clipped]
+        if self.cfg.max_weight_ratio is not None:
+            weights, capped = cap_weights(weights, self.cfg.max_weight_ratio)
+            self.bounded += [f"node {nodes[k]}: weight capped at {self.cfg.max_weight_ratio:g}x the round's median"
+                             for k in capped]
+        for note in self.bounded:
+            log.warning("%s", note)
+        return updates, weights
 
     def updated_global(self, server_round: int, updates: list[Delta], weights: list[float], nodes: list[int]) -> Delta:
         """`ΔW_g + server_step(merge(τ_1..τ_K))`."""

@@ -11,10 +11,12 @@ import re
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.adapters import Delta
-from fedllm.wire import UploadCodec, decode, wire_names
+from fedllm.robust import update_norm
+from fedllm.wire import UploadCodec, decode, wire_entries, wire_names
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,53 @@ class ReplyRejected(ValueError):
     """A client reply that must not enter the aggregate."""
 
 
-MAX_EXAMPLES_UNKNOWN_NODE = 10**9  # example-count ceiling for a node absent from the start-up table
+LARGEST_PARTITION = 2**31 - 1
+
+
+class NodeRefused(ValueError):
+    """A node whose start-up answer keeps it out of the run."""
+
+
+class PartitionHeld(NodeRefused):
+    """A node claiming a partition an online node holds: asked again next round (the holder may
+    have gone, as when an institution restarts its node)."""
+
+
+@dataclass(frozen=True)
+class NodeBounds:
+    """What the run accepts in a start-up answer: derived from the server's model and the config."""
+
+    max_rank: int  # max-client-rank, and at most the smallest adapted layer's min(d_in, d_out)
+    max_examples: int  # max-client-examples
+
+
+def checked_node(node: int, content: RecordDict, bounds: NodeBounds) -> NodeInfo:
+    """The node's start-up answer as a `NodeInfo`, every field checked against `bounds` first;
+    `NodeRefused` naming the node and the field otherwise."""
+    info = content.get("node")
+    if not isinstance(info, (MetricRecord, ConfigRecord)):
+        raise NodeRefused(f"node {node}: its start-up answer has no 'node' record (it has {sorted(content) or 'none'})")
+    values = {}
+    for key, low, high in (("partition-id", 0, LARGEST_PARTITION), ("lora-rank", 1, bounds.max_rank),
+                           ("num-examples", 1, bounds.max_examples)):
+        value = info.get(key)
+        if value is None:
+            raise NodeRefused(f"node {node}: its start-up answer has no {key}")
+        if not _is_int(value) or not low <= value <= high:
+            raise NodeRefused(f"node {node}: {key} is {_shown(value)}, expected an integer in [{low}, {high}]")
+        values[key] = value
+    return NodeInfo(values["partition-id"], values["lora-rank"], values["num-examples"], _client_model(node, content))
+
+
+def _client_model(node: int, content: RecordDict) -> str:
+    """The client model a node reported ('full' from nodes that say nothing of it), a short string."""
+    record = content.get("node-model")
+    if record is None:
+        return "full"
+    value = record.get("client-model", "full") if isinstance(record, ConfigRecord) else None
+    if not isinstance(value, str) or not 0 < len(value) <= 100:
+        raise NodeRefused(f"node {node}: client-model is {_shown(value)}, expected a short string")
+    return value
 
 
 def error_summary(reason: str, limit: int = 300) -> str:
@@ -95,8 +143,9 @@ def checked_upload(node: int, arrays: ArrayRecord, shapes: dict[str, torch.Size]
         problems = [f"{len(names)} {what} tensor(s) {names[:3]}"
                     for what, names in (("missing", missing), ("extra", extra)) if names]
         raise ReplyRejected(f"node {node}: {' and '.join(problems)} compared with the {len(expected)} expected")
-    wire = {}
+    wire, limits = {}, wire_entries(shapes, codec)
     for name, dtype in expected.items():
+        check_declared(node, name, arrays[name], dtype, limits[name], codec)
         try:
             wire[name] = arrays[name].numpy()
         except Exception as error:  # noqa: BLE001 - any unreadable array is the client's fault
@@ -115,25 +164,41 @@ def checked_upload(node: int, arrays: ArrayRecord, shapes: dict[str, torch.Size]
     return upload
 
 
+NPY_HEADER_BYTES = 4096  # numpy's .npy header is at most a few hundred bytes
+
+
+def check_declared(node: int, name: str, array: object, dtype: np.dtype, max_entries: int, codec: UploadCodec) -> None:
+    """An array's declared type, dtype, shape and byte size within what the run expects, checked
+    before a byte of it is decoded (a node cannot make the server decode a 256 MiB array)."""
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray":
+        raise ReplyRejected(f"node {node}: {name} is not a numpy array record")
+    if array.dtype != str(dtype):
+        raise ReplyRejected(f"node {node}: {name} has dtype {array.dtype}; with upload-dtype {codec.dtype} the server "
+                            f"accepts {dtype} only")
+    entries = math.prod(array.shape) if all(_is_int(d) and d >= 0 for d in array.shape) else -1
+    if not 0 <= entries <= max_entries or len(array.data) > entries * dtype.itemsize + NPY_HEADER_BYTES:
+        raise ReplyRejected(f"node {node}: {name} declares shape {tuple(array.shape)[:8]} and {len(array.data)} bytes, "
+                            f"more than the {max_entries} entries it can hold; not decoded")
+
+
 def check_examples(node: int, metrics: MetricRecord | ConfigRecord, info: NodeInfo | None) -> int:
-    """A positive integer example count, at most what the node reported at start-up (else 10^9)."""
+    """A positive integer example count, at most what the node reported at start-up."""
     examples = metrics.get("num-examples")
     if not _is_int(examples):
         raise ReplyRejected(f"node {node}: num-examples is {_shown(examples)}, expected a positive integer")
     if examples <= 0:
         raise ReplyRejected(f"node {node} reported {examples} training examples; it must be > 0")
-    if info is not None and examples > info.num_examples:
+    if info is None:
+        raise ReplyRejected(f"node {node} never answered the start-up query; its reply is not taken")
+    if examples > info.num_examples:
         raise ReplyRejected(f"node {node} reported an absurd {examples} training examples, "
                             f"more than the {info.num_examples} it reported at start-up")
-    if examples > MAX_EXAMPLES_UNKNOWN_NODE:
-        raise ReplyRejected(f"node {node} reported an absurd {examples} training examples "
-                            f"(more than {MAX_EXAMPLES_UNKNOWN_NODE})")
     return examples
 
 
 def check_norm(node: int, tau: Delta, limit: float | None) -> None:
-    """‖τ_k‖ (L2 over all modules, model space) finite and, with `max-update-norm`, within it."""
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tau.values()))
+    """‖τ_k‖ (L2 over all modules, model space) finite and, with a numeric `max-update-norm`, within it."""
+    norm = update_norm(tau)
     if not math.isfinite(norm):
         raise ReplyRejected(f"node {node}: its model-space update norm is not finite (overflow in s·B·A)")
     if limit is not None and norm > limit:

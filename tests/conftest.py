@@ -24,6 +24,17 @@ def simulate(run_config: str, clients: int, output_dir: Path) -> Path:
     return run_simulation(PROJECT, run_config, clients, output_dir, cpus_per_client=ONE_ACTOR_CPUS)
 
 
+# Fixtures that start real Flower processes (a simulation's SuperLink, a deployment's SuperLink and
+# SuperNodes): every test using one is marked `slow`, so `pytest -m "not slow"` is the quick loop.
+FLOWER_FIXTURES = {"flower_env", "procs", "link", "deployment"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if FLOWER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def flower_env(tmp_path_factory) -> dict[str, str]:
     """Environment for real `flwr run` calls: offline, own FLWR_HOME, own local SuperLink ports.

@@ -1,7 +1,7 @@
 """Real Flower processes for deployment tests: start, track, wait for and stop them by PID.
 
-Shared by tests/test_deploy.py (TLS + SuperNode authentication) and tests/test_faults.py
-(insecure localhost deployment with faults). Every process started through `Processes` is
+Shared by tests/test_deploy.py (TLS + SuperNode authentication, refused nodes) and
+tests/test_node_loss.py (a lost SuperNode and a lost SuperLink). Every process started through `Processes` is
 remembered with every descendant ever seen, and stopped by PID, never by name.
 """
 
@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -154,7 +155,7 @@ def flwr_json(env: dict[str, str], *args: str) -> dict:
 
 
 class Link:
-    """A running SuperLink (TLS with node authentication, or insecure), and the CLI connection to it."""
+    """A running SuperLink (TLS with node authentication), and the CLI connection to it."""
 
     def __init__(self, root: Path, procs: Processes) -> None:
         self.root = root
@@ -179,22 +180,51 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 
-def start_insecure_link(root: Path, procs: Processes, connection: str) -> Link:
-    """An insecure (plain HTTP) SuperLink on localhost, healthy, with a CLI connection `connection`.
-
-    For localhost tests only; deployments use TLS with SuperNode authentication (docs/deploy.md).
-    """
+def start_tls_link(root: Path, procs: Processes, connection: str, nodes: int, keys: int, hosts: str) -> Link:
+    """A TLS SuperLink with SuperNode authentication, as docs/deploy.md sets one up: `keys` node
+    key pairs made by `fedllm certs`, the first `nodes` of them registered, a CLI connection."""
     link = Link(root, procs)
-    superlink = procs.start("superlink", [
-        command("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link.port),
-        "--database", str(root / "state.db"), "--disable-runtime-dependency-installation",
-    ], environment(root / "superlink-home"))
-
-    wait_until_healthy(superlink, procs, f"http://{link.address}/health")
-    (root / "cli-home" / "config.toml").write_text(
-        f'[superlink.{connection}]\naddress = "{link.address}"\ninsecure = true\n'
+    made = subprocess.run(
+        [command("fedllm"), "certs", "--out", str(link.certs), "--hosts", hosts, "--nodes", str(keys)],
+        env=link.cli_env, capture_output=True, text=True, timeout=60,
     )
+    assert made.returncode == 0, made.stderr
+    c = link.certs
+    start_tls_superlink(link, "superlink")
+    (root / "cli-home" / "config.toml").write_text(
+        f'[superlink.{connection}]\naddress = "{link.address}"\nroot-certificates = "{c / "ca.crt"}"\n'
+    )
+    registering = [
+        subprocess.Popen([command("flwr"), "supernode", "register", str(c / f"nodes/node{i}.pub"), connection,
+                          "--name", f"node{i}"], env=link.cli_env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=root)
+        for i in range(nodes)
+    ]
+    for i, proc in enumerate(registering):
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, f"registering node{i} failed:\n{output}"
     return link
+
+
+def start_tls_superlink(link: Link, name: str) -> subprocess.Popen:
+    """`flower-superlink` with TLS and SuperNode authentication on the link's port, its state in
+    `state.db` (a restart with the same database keeps the runs and registered nodes), once healthy."""
+    c = link.certs
+    superlink = link.procs.start(name, [
+        command("flower-superlink"), "--host", "127.0.0.1", "--port", str(link.port),
+        "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+        "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
+        "--database", str(link.root / "state.db"), "--disable-runtime-dependency-installation",
+    ], environment(link.root / "superlink-home"))
+    wait_until_healthy(superlink, link.procs, f"https://{link.address}/health",
+                       context=ssl.create_default_context(cafile=str(c / "ca.crt")))
+    return superlink
+
+
+def tls_supernode(link: Link, name: str, key: int, node_config: str) -> subprocess.Popen:
+    """An authenticated SuperNode that trusts the link's CA, with node key `key`."""
+    return link.supernode(name, "--root-certificates", str(link.certs / "ca.crt"),
+                          "--auth-supernode-private-key", str(link.certs / f"nodes/node{key}"), node_config=node_config)
 
 
 def online_nodes(link: Link, connection: str) -> int:

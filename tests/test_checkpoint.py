@@ -1,11 +1,24 @@
-"""Run state: atomic writes, verified loads, and refusals that say what is wrong."""
+"""Run state: tensors and JSON only, atomic writes, verified loads, the last few kept, and
+refusals that say what is wrong."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
+import pickle
+import stat
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
-from fedllm.checkpoint import STATE_FILE, CheckpointError, RunState, capture_rng, load_state, save_state
+from fedllm.checkpoint import (
+    FOLDER, LEGACY_FILE, CheckpointError, RunState, _digest, capture_rng, checkpoint_path, load_state, read_state,
+    save_state, saved_rounds,
+)
 from fedllm.config import RunConfig
 
 
@@ -20,48 +33,117 @@ def state(round_: int, cfg: RunConfig) -> RunState:
     )
 
 
-def test_round_trip_restores_every_tensor_and_row(tmp_path):
+def test_round_trip_restores_every_tensor_row_and_rng_state(tmp_path):
     cfg = RunConfig()
-    save_state(tmp_path, state(3, cfg))
-    loaded = load_state(tmp_path, cfg.as_dict(), cfg.digest())
     original = state(3, cfg)
+    save_state(tmp_path, original)
+    loaded = load_state(tmp_path, cfg.as_dict(), cfg.digest())
     assert loaded.round == 3 and loaded.metrics == original.metrics
     assert torch.equal(loaded.global_delta["layer.q_proj"], original.global_delta["layer.q_proj"])
     assert torch.equal(loaded.optimizer_state["u"]["layer.q_proj"], original.optimizer_state["u"]["layer.q_proj"])
+    assert loaded.rng["python"] == original.rng["python"] and torch.equal(loaded.rng["torch"], original.rng["torch"])
 
 
-def test_a_newer_state_replaces_the_older_atomically(tmp_path):
+def test_the_newest_rounds_are_kept_and_any_kept_round_can_be_resumed(tmp_path):
     cfg = RunConfig()
-    save_state(tmp_path, state(1, cfg))
-    save_state(tmp_path, state(2, cfg))
-    assert load_state(tmp_path, cfg.as_dict(), cfg.digest()).round == 2
-    assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
+    for r in range(6):
+        save_state(tmp_path, state(r, cfg), keep=3)
+    assert saved_rounds(tmp_path) == [3, 4, 5]
+    assert load_state(tmp_path, cfg.as_dict(), cfg.digest()).round == 5
+    assert load_state(tmp_path, cfg.as_dict(), cfg.digest(), server_round=3).round == 3
+    with pytest.raises(CheckpointError, match=r"no checkpoint of round 1; it keeps rounds 3, 4, 5"):
+        load_state(tmp_path, cfg.as_dict(), cfg.digest(), server_round=1)
+    assert not list((tmp_path / FOLDER).glob("*.tmp")), "no temporary file is left behind"
 
 
-def test_an_interrupted_write_leaves_the_previous_state_usable(tmp_path):
-    cfg = RunConfig()
-    save_state(tmp_path, state(4, cfg))
-    (tmp_path / (STATE_FILE + ".tmp")).write_bytes(b"FEDLLM-STATE v1\n{half a header")  # crash mid-write
-    assert load_state(tmp_path, cfg.as_dict(), cfg.digest()).round == 4
+def test_checkpoints_are_private_to_their_owner(tmp_path):
+    path = save_state(tmp_path / "run", state(1, RunConfig()))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 def test_truncated_and_altered_files_are_refused_and_left_in_place(tmp_path):
     cfg = RunConfig()
-    save_state(tmp_path, state(2, cfg))
-    path = tmp_path / STATE_FILE
+    path = save_state(tmp_path, state(2, cfg))
     good = path.read_bytes()
     path.write_bytes(good[:-100])
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_state(tmp_path, cfg.as_dict(), cfg.digest())
     altered = bytearray(good)
-    altered[-50] ^= 0xFF
+    altered[-50] ^= 0xFF  # a byte of tensor data
     path.write_bytes(bytes(altered))
     with pytest.raises(CheckpointError, match="checksum does not match"):
         load_state(tmp_path, cfg.as_dict(), cfg.digest())
     assert path.read_bytes() == bytes(altered), "a refused file is never overwritten by loading"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a fedllm run state"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_state(tmp_path, cfg.as_dict(), cfg.digest())
+
+
+class _RunsCommand:
+    """A pickle payload that runs a shell command when unpickled (what an attacker would plant)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_without_running_its_code(tmp_path):
+    """The first row of the hostile-input table: fedllm's first format with a valid checksum and
+    config digest around a payload that runs a command."""
+    cfg, marker = RunConfig(), tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"round": 1, "payload": _RunsCommand(marker)}, buffer)
+    payload = buffer.getvalue()
+    header = {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest(), "round": 1,
+              "config": cfg.as_dict(), "config_digest": cfg.digest()}
+    (tmp_path / LEGACY_FILE).write_bytes(b"FEDLLM-STATE v1\n" + json.dumps(header).encode() + b"\n" + payload)
+    with pytest.raises(CheckpointError, match="pickle that can run code when loaded; fedllm no longer reads it"):
+        load_state(tmp_path, cfg.as_dict(), cfg.digest())
+    assert not marker.exists(), "the planted command ran"
+    pickle.loads(pickle.dumps(_RunsCommand(marker)))  # the payload is real: unpickling it does run the command
+    assert marker.exists()
+
+
+def rewritten(path, metadata_change=None, tensors_change=None):
+    """The checkpoint at `path` rewritten with changed metadata or tensors, checksum recomputed."""
+    tensors = load_file(path)
+    with safe_open(path, "pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = {**tensors, **(tensors_change or {})}
+    metadata = {**metadata, **(metadata_change or {}), "sha256": _digest(tensors)}
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"config_digest": None}, r"has no 'config_digest' in its header"),
+    ({"round": "two"}, r"header field 'round' is malformed"),
+    ({"metrics": "[" * 100_000 + "]" * 100_000}, r"header field 'metrics' is malformed"),
+    ({"metrics": json.dumps([{"round": 0}])}, r"metrics rows are not rounds 0..2"),
+    ({"config": "[]"}, r"header field 'config' is a list, expected dict"),
+    ({"rng_python": json.dumps([3, [1, 2], None])}, r"Python RNG state is malformed"),
+    ({"format": "something else"}, r"is not a fedllm run state"),
+])
+def test_a_malformed_header_is_refused_naming_the_field(tmp_path, change, message):
+    cfg = RunConfig()
+    path = save_state(tmp_path, state(2, cfg))
+    rewritten(path, metadata_change=change)
+    with pytest.raises(CheckpointError, match=message):
+        read_state(path)
+
+
+def test_unexpected_or_malformed_tensors_are_refused(tmp_path):
+    path = save_state(tmp_path, state(2, RunConfig()))
+    rewritten(path, tensors_change={"code/anything": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'code/anything'"):
+        read_state(path)
+    path = save_state(tmp_path / "b", state(2, RunConfig()))
+    rewritten(path, tensors_change={"rng/torch": torch.zeros(3, dtype=torch.uint8)})
+    with pytest.raises(CheckpointError, match="torch RNG state is malformed"):
+        read_state(path)
 
 
 def test_a_state_from_another_config_is_refused_naming_the_keys(tmp_path):
@@ -69,14 +151,22 @@ def test_a_state_from_another_config_is_refused_naming_the_keys(tmp_path):
     other = RunConfig.from_flower({"learning-rate": 0.01, "seed": 3})
     with pytest.raises(CheckpointError, match="differing keys: learning-rate, seed"):
         load_state(tmp_path, other.as_dict(), other.digest())
-    longer = RunConfig.from_flower({"num-server-rounds": 50, "output-dir": "/elsewhere"})
+    longer = RunConfig.from_flower({"num-server-rounds": 50, "output-dir": "/elsewhere", "keep-checkpoints": 5})
     assert load_state(tmp_path, longer.as_dict(), longer.digest()).round == 2
+
+
+def test_the_secret_noise_seed_never_reaches_a_checkpoint(tmp_path):
+    cfg = RunConfig.from_flower({"dp": "central", "dp-noise-seed": 987654321})
+    path = save_state(tmp_path, state(1, cfg))
+    assert b"987654321" not in path.read_bytes() and "dp-noise-seed" not in cfg.as_dict()
+    assert cfg.digest() == RunConfig.from_flower({"dp": "central", "dp-noise-seed": 5}).digest()
 
 
 def test_missing_state_says_there_is_nothing_to_resume(tmp_path):
     cfg = RunConfig()
     with pytest.raises(CheckpointError, match="nothing to resume"):
         load_state(tmp_path, cfg.as_dict(), cfg.digest())
+    assert checkpoint_path(tmp_path, 7).name == "round-0007.safetensors"
 
 
 def test_resume_without_a_folder_is_a_config_error():
@@ -84,3 +174,5 @@ def test_resume_without_a_folder_is_a_config_error():
 
     with pytest.raises(ConfigError, match="resume = true needs output-dir"):
         RunConfig.from_flower({"resume": True})
+    with pytest.raises(ConfigError, match="resume-round needs resume = true"):
+        RunConfig.from_flower({"resume-round": 2})

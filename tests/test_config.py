@@ -38,6 +38,17 @@ def test_bad_values_name_the_key_and_what_it_accepts(key, value, accepts):
         RunConfig.from_flower({key: value})
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num-server-rounds", float("inf"), r"num-server-rounds = inf is not accepted; expected a finite value"),
+    ("learning-rate", float("nan"), r"learning-rate = nan is not accepted; expected a finite value"),
+    ("seed", 2**60, r"seed = 1152921504606846976 is out of range; expected an integer in \[0, 2\^31\)"),
+    ("local-steps", 10**30, r"local-steps = 1000000000000000000000000000000 is out of range"),
+])
+def test_values_a_type_check_would_pass_but_no_run_can_use_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_flower({key: value})
+
+
 def test_aggregation_parameters_are_checked_against_the_operator():
     cfg = RunConfig.from_flower({"aggregation": "ties", "aggregation-density": 0.3})
     assert cfg.aggregation_params() == {"density": 0.3}

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedllm.cli import main as fedllm_main
 from tests.conftest import PROJECT
-from tests.deploy_support import Link, Processes, command, environment, flwr_json, wait_for, wait_until_healthy
+from tests.deploy_support import Processes, command, flwr_json, start_tls_link, tls_supernode, wait_for
 from tests.deploy_support import read_metrics as metrics
 
 try:
@@ -145,39 +145,10 @@ def link(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     (root / "logs").mkdir()
     procs = Processes(root / "logs")
-    link = Link(root, procs)
     try:
-        # 1. certificates and node keys (the documented command, as a real process)
-        made = subprocess.run(
-            [command("fedllm"), "certs", "--out", str(link.certs), "--hosts", HOSTS, "--nodes", "5"],
-            env=link.cli_env, capture_output=True, text=True, timeout=60,
-        )
-        assert made.returncode == 0, made.stderr
-        # 2. the SuperLink: TLS (all three files) + SuperNode authentication, offline
-        c = link.certs
-        superlink = procs.start("superlink", [
-            command("flower-superlink"), "--host", "127.0.0.1", "--port", str(link.port),
-            "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
-            "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
-            "--database", str(root / "state.db"), "--disable-runtime-dependency-installation",
-        ], environment(root / "superlink-home"))
-        tls = ssl.create_default_context(cafile=str(c / "ca.crt"))
-
-        wait_until_healthy(superlink, procs, f"https://{link.address}/health", context=tls)
-        # 3. the CLI's connection entry
-        (root / "cli-home" / "config.toml").write_text(
-            f'[superlink.{CONNECTION}]\naddress = "{link.address}"\nroot-certificates = "{c / "ca.crt"}"\n'
-        )
-        # 4. register node0..node3 (node4 stays unregistered)
-        registering = [
-            subprocess.Popen([command("flwr"), "supernode", "register", str(c / f"nodes/node{i}.pub"), CONNECTION,
-                              "--name", f"node{i}"], env=link.cli_env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, cwd=root)
-            for i in range(SPARE_NODE + 1)
-        ]
-        for i, proc in enumerate(registering):
-            output, _ = proc.communicate(timeout=60)
-            assert proc.returncode == 0, f"registering node{i} failed:\n{output}"
+        # certificates and node keys (the documented command, as a real process); the SuperLink with
+        # TLS (all three files) + SuperNode authentication, offline; node0..node3 registered
+        link = start_tls_link(root, procs, CONNECTION, nodes=SPARE_NODE + 1, keys=5, hosts=HOSTS)
         yield link
     finally:
         procs.stop_all()
@@ -196,8 +167,7 @@ def deployment(link):
         config = f"partition-id={i} num-partitions={GOOD_NODES}"
         if i == 2:
             config += f" lora-rank={NODE2_RANK} data-path='{own_data}'"
-        good.append(link.supernode(f"node{i}", "--root-certificates", str(c / "ca.crt"),
-                                   "--auth-supernode-private-key", str(c / f"nodes/node{i}"), node_config=config))
+        good.append(tls_supernode(link, f"node{i}", i, node_config=config))
     bad = {
         # a key the SuperLink has never seen
         "unregistered": link.supernode("unregistered", "--root-certificates", str(c / "ca.crt"),

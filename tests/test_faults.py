@@ -18,13 +18,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.faults import InjectedFault, inject
+from client.faults import InjectedFault, apply, apply_to_query, inject
 from fedllm.adapters import factor_key
 from fedllm.config import FAULT_KINDS, ConfigError, RunConfig
 from fedllm.launch import RunFailed
 from fedllm.methods.lora import Layer, Lora
 from server.strategy import ModelSpaceStrategy
-from server.validation import NodeInfo, ReplyRejected
+from server.validation import NodeInfo, NodeRefused, ReplyRejected
 from tests.conftest import simulate
 from tests.deploy_support import read_metrics
 
@@ -50,11 +50,13 @@ def test_a_bad_fault_injection_names_the_entry_and_the_kinds(value, message):
     assert "examples-absurd" in str(error.value) and "hang" in str(error.value)
 
 
-def test_max_update_norm_is_optional_and_positive():
+def test_max_update_norm_is_auto_by_default_off_with_an_empty_value_or_a_positive_bound():
+    assert RunConfig.from_flower({}).max_update_norm == "auto"
     assert RunConfig.from_flower({"max-update-norm": ""}).max_update_norm is None
     assert RunConfig.from_flower({"max-update-norm": 5}).max_update_norm == 5.0
-    with pytest.raises(ConfigError, match=r"max-update-norm = -1 .* expected '' \(off\) or a number > 0"):
-        RunConfig.from_flower({"max-update-norm": -1})
+    for bad in (-1, "always"):
+        with pytest.raises(ConfigError, match=r"max-update-norm = .* expected 'auto', '' \(off\) or a number > 0"):
+            RunConfig.from_flower({"max-update-norm": bad})
 
 
 def test_fault_injection_does_not_change_the_digest_but_max_update_norm_does():
@@ -132,8 +134,22 @@ def test_crash_raises_and_hang_sleeps():
     started = time.monotonic()
     arrays, metrics = inject("hang", *good_records(), hang_seconds=0.2)
     assert time.monotonic() - started >= 0.2 and metrics["train_loss"] == 0.5
-    assert set(FAULT_KINDS) == {"nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero",
-                                "examples-absurd", "metrics-type", "crash", "hang"}
+
+
+QUERY_INFO = {"partition-id": 0, "lora-rank": RANK, "num-examples": 40}
+
+
+@pytest.mark.parametrize("kind", [k for k in FAULT_KINDS if k not in ("crash", "hang")])
+def test_every_fault_kind_changes_the_reply_or_the_start_up_answer_it_is_for(kind):
+    cfg = RunConfig.from_flower({"fault-injection": f"0:{kind}"})
+    arrays, metrics = good_records()
+    bad_arrays, bad_metrics = apply(cfg, 0, arrays, metrics)
+    changed_reply = dict(bad_metrics) != dict(metrics) or bad_arrays.keys() != arrays.keys() or any(
+        bad_arrays[k].numpy().shape != arrays[k].numpy().shape or bad_arrays[k].numpy().dtype != arrays[k].numpy().dtype
+        or not (bad_arrays[k].numpy() == arrays[k].numpy()).all() for k in arrays)
+    changed_answer = dict(apply_to_query(cfg, 0, MetricRecord(QUERY_INFO))) != QUERY_INFO
+    assert changed_reply != changed_answer, "a kind acts on exactly one of the two messages"
+    assert apply(RunConfig(), 0, arrays, metrics) == (arrays, metrics)
 
 
 def edited(metrics: dict | None = None, arrays: dict | None = None, drop: str | None = None) -> RecordDict:
@@ -167,13 +183,57 @@ def test_other_bad_replies_are_rejected_with_their_reason(content, reason):
 def test_error_replies_and_unknown_nodes():
     with pytest.raises(ReplyRejected, match=rf"node {NODE} failed: boom"):
         strategy().client_update(reply(error="boom"))
-    # a node missing from the start-up table may not claim more than 10^9 examples
-    stranger = strategy()
-    assert stranger.client_update(reply(edited({"num-examples": 10**6}), node=99))[1] == 1e6
-    with pytest.raises(ReplyRejected, match=r"node 99 reported an absurd 1000000001 training examples"):
-        stranger.client_update(reply(edited({"num-examples": 10**9 + 1}), node=99))
+    # a node missing from the start-up table has nothing its claims could be checked against
+    with pytest.raises(ReplyRejected, match=r"node 99 never answered the start-up query"):
+        strategy().client_update(reply(edited({"num-examples": 10}), node=99))
     # without max-update-norm the norm is not bounded (only required to be finite)
     assert strategy(**{"max-update-norm": ""}).client_update(reply(faulty("norm")))[1] == 40.0
+
+
+# --------------------------------------------------------------------------------------------
+# The start-up answer: every field checked against bounds the run derives, a bad node left out
+# --------------------------------------------------------------------------------------------
+
+
+def answer(drop: str | None = None, **fields) -> RecordDict:
+    info = {k: v for k, v in {**QUERY_INFO, **{k.replace("_", "-"): v for k, v in fields.items()}}.items() if k != drop}
+    return RecordDict({"node": MetricRecord(info), "node-model": ConfigRecord({"client-model": "full"})})
+
+
+@pytest.mark.parametrize("content, reason", [
+    (RecordDict({}), r"node 5: its start-up answer has no 'node' record \(it has none\)"),
+    (answer(drop="num-examples"), r"node 5: its start-up answer has no num-examples"),
+    (answer(partition_id=-1), r"partition-id is int -1, expected an integer in \[0, 2147483647\]"),
+    (answer(lora_rank=0), r"lora-rank is int 0, expected an integer in \[1, 4\]"),
+    (answer(lora_rank=-3), r"lora-rank is int -3"),
+    (answer(lora_rank=10**7), r"lora-rank is int 10000000, expected an integer in \[1, 4\]"),  # the layer is 4 x 6
+    (answer(num_examples=-7), r"num-examples is int -7, expected an integer in \[1, 10000000\]"),
+    (answer(num_examples=10**9), r"num-examples is int 1000000000"),
+    (answer(num_examples=2.5), r"num-examples is float 2.5"),
+    (RecordDict({"node": MetricRecord(QUERY_INFO), "node-model": ConfigRecord({"client-model": "x" * 500})}),
+     r"client-model is str 'xxx"),
+])
+def test_a_bad_start_up_answer_leaves_the_node_out_with_the_reason(content, reason):
+    s = strategy()
+    with pytest.raises(NodeRefused, match=reason):
+        s.admit(5, content)
+    assert 5 not in s.nodes and 5 not in s.online
+
+
+def test_a_partition_held_by_an_online_node_is_refused_and_free_again_once_it_is_offline():
+    s = strategy()
+    s.nodes, s.online = {}, set()
+    assert s.admit(5, answer(partition_id=3)).partition_id == 3 and s.online == {5}
+    with pytest.raises(NodeRefused, match=r"node 6: partition-id 3 is already held by online node 5"):
+        s.admit(6, answer(partition_id=3))
+    s.online = set()  # node 5 went away: a restarted node may take its partition
+    assert s.admit(7, answer(partition_id=3)).partition_id == 3
+
+
+def test_the_rank_bound_is_the_smaller_of_max_client_rank_and_the_layers():
+    assert strategy().node_bounds.max_rank == 4  # min(d_in, d_out) of the 4 x 6 layer
+    assert strategy(**{"max-client-rank": 3}).node_bounds.max_rank == 3
+    assert strategy(**{"max-client-examples": 50}).node_bounds.max_examples == 50
 
 
 # --------------------------------------------------------------------------------------------

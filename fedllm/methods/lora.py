@@ -105,6 +105,10 @@ class Lora(PeftMethod):
             self.base_norms.pop(module, None)
         self.explicit_targets = self.explicit_targets or bool(dropped)
 
+    def largest_rank(self) -> int:
+        """min(d_in, d_out) of the smallest adapted layer: a larger rank adds nothing but memory."""
+        return min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
+
     def scaling(self, rank: int) -> float:
         """`alpha / √r` for rsLoRA, else `alpha / r`, as peft computes it."""
         root = math.sqrt(rank) if self.cfg.lora_variant == "rslora" else rank
