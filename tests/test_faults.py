@@ -16,13 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.faults import InjectedFault, apply, apply_to_query, inject
 from fedllm.adapters import factor_key
 from fedllm.config import FAULT_KINDS, ConfigError, RunConfig
 from fedllm.launch import RunFailed
 from fedllm.methods.lora import Layer, Lora
+from server.loop import check_global_update
 from server.strategy import ModelSpaceStrategy
 from server.validation import NodeInfo, NodeRefused, ReplyRejected
 from tests.conftest import simulate
@@ -204,6 +206,7 @@ def answer(drop: str | None = None, **fields) -> RecordDict:
     (RecordDict({}), r"node 5: its start-up answer has no 'node' record \(it has none\)"),
     (answer(drop="num-examples"), r"node 5: its start-up answer has no num-examples"),
     (answer(partition_id=-1), r"partition-id is int -1, expected an integer in \[0, 2147483647\]"),
+    (RecordDict({"node": ConfigRecord({**QUERY_INFO, "partition-id": "two"})}), r"partition-id is str 'two'"),
     (answer(lora_rank=0), r"lora-rank is int 0, expected an integer in \[1, 4\]"),
     (answer(lora_rank=-3), r"lora-rank is int -3"),
     (answer(lora_rank=10**7), r"lora-rank is int 10000000, expected an integer in \[1, 4\]"),  # the layer is 4 x 6
@@ -228,6 +231,24 @@ def test_a_partition_held_by_an_online_node_is_refused_and_free_again_once_it_is
         s.admit(6, answer(partition_id=3))
     s.online = set()  # node 5 went away: a restarted node may take its partition
     assert s.admit(7, answer(partition_id=3)).partition_id == 3
+
+
+def test_an_array_declaring_more_than_was_sent_is_refused_before_it_is_decoded():
+    arrays, metrics = good_records()
+    huge = np.zeros((2048, 2048), dtype=np.float32)  # 16 MiB under an expected name (a 4 x 2 factor)
+    records = RecordDict({"arrays": ArrayRecord({**{k: arrays[k] for k in arrays},
+                                                 factor_key(MODULE, "B"): Array(huge)}), "metrics": metrics})
+    with pytest.raises(ReplyRejected, match=r"lora_B.weight declares shape \(2048, 2048\) and \d+ bytes, more than "
+                                            r"the 8 entries it can hold; not decoded"):
+        strategy().client_update(reply(records))
+
+
+def test_a_non_finite_or_absurd_global_update_fails_the_round_before_it_is_saved():
+    check_global_update({MODULE: torch.full((4, 6), 0.5)}, 3)
+    for bad in (math.nan, math.inf, 2e4):
+        with pytest.raises(RuntimeError, match=r"round 3: the merged global update of layer has an entry of .* "
+                                               r"nothing is checkpointed"):
+            check_global_update({MODULE: torch.full((4, 6), bad)}, 3)
 
 
 def test_the_rank_bound_is_the_smaller_of_max_client_rank_and_the_layers():
