@@ -38,7 +38,8 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition, rank and data size (no data leaves the node)."""
     cfg, node = _setup(context)
     info = faults.apply_to_query(cfg, node.partition_id, MetricRecord({
-        "partition-id": node.partition_id, "lora-rank": node.rank, "num-examples": len(client_examples(cfg, node))}))
+        "partition-id": node.partition_id, "lora-rank": node.rank,
+        "num-examples": reported_examples(cfg, len(client_examples(cfg, node)))}))
     model = ConfigRecord({"client-model": node.client_model})
     return Message(RecordDict({"node": info, "node-model": model}), reply_to=msg)
 
@@ -48,20 +49,26 @@ def train(msg: Message, context: Context) -> Message:
     """Load the global state the server sent, train `local-steps` steps, upload the change."""
     cfg, node = _setup(context)
     if cfg.secure_aggregation:
-        return secure_reply(msg, context, cfg, node)
+        return secure_reply(msg, cfg, node)
     received = msg.content["arrays"].to_torch_state_dict()
     config = msg.content["config"]
     server_round = int(config["server-round"])
     worker = worker_for_message(cfg, msg.content)
     result = local_round(cfg, node, worker, received, server_round, int(config.get("local-steps", cfg.local_steps)))
-    update, _ = privatize(cfg, result.update, server_round, node.partition_id, num_clients=1)  # local DP only here
+    update, _ = privatize(cfg, result.update, server_round, node.partition_id)  # local DP only here
     metrics = MetricRecord({
-        "num-examples": result.examples, "train_loss": result.loss, "train-seconds": result.seconds,
+        "num-examples": reported_examples(cfg, result.examples), "train-seconds": result.seconds,
         "partition-id": node.partition_id, "lora-rank": node.rank, "pid": os.getpid(),
-        "model-builds": MODEL_BUILDS[worker.name],
+        "model-builds": MODEL_BUILDS[worker.name], **({} if cfg.dp != "none" else {"train_loss": result.loss}),
     })
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def reported_examples(cfg: RunConfig, examples: int) -> int:
+    """The example count to tell the server: under DP 1, since weights are uniform there and ε does
+    not cover the count (nor the train loss, which is withheld)."""
+    return 1 if cfg.dp != "none" else examples
 
 
 def worker_for_message(cfg: RunConfig, content: RecordDict) -> Worker:

@@ -3,19 +3,15 @@
 Flower's `secaggplus_mod` runs the SecAgg+ stages (key agreement, secret sharing, masking,
 unmasking) around the train handler; in the masking stage it calls `secure_reply` and masks
 what that returns, so the server only ever receives masked vectors. The legacy FitIns/FitRes
-record layout is what the mod speaks (Flower 1.42). Per exchange the server says the phase:
-
-- `update`: train, then send the operator's client step of the update (for linear operators
-  with no client step, the upload's additive coordinates; otherwise the model-space update,
-  trimmed/dropped as the operator would); for sign consensus the values are kept in
-  `context.state` for phase two;
-- `agree`: given the elected sign, send the agreeing values and the agreement indicator.
+record layout is what the mod speaks (Flower 1.42). The client trains, then sends the operator's
+client step of its update (for linear operators with no client step, the upload's additive
+coordinates; otherwise the model-space update trimmed or dropped as the operator would, a DARE
+drop mask drawn from this client's secret randomness).
 """
 
 from __future__ import annotations
 
 import os
-import zlib
 
 import numpy as np
 import torch
@@ -30,10 +26,8 @@ from client.privacy import privatize
 from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
 from fedllm.methods import Sent
-from fedllm.privacy.secure import IDENTITY_STEP, SIGN_CONSENSUS, agreement, client_step
-
-VALUES = "secure-values"  # context.state: this round's client-step values, for the agree phase
-
+from fedllm.privacy import secret_int
+from fedllm.privacy.secure import IDENTITY_STEP, client_step
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's SecAgg+ client mod, for runs with `secure-aggregation = true` only."""
@@ -42,34 +36,23 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return call_next(msg, context)
 
 
-def secure_reply(msg: Message, context: Context, cfg: RunConfig, node: NodeSettings) -> Message:
-    """The FitRes the mod masks: this phase's vector, the example weight and the metrics."""
+def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
+    """The FitRes the mod masks: the client step's vector, the example weight and the metrics
+    (under DP the weight is 1 and the loss withheld: neither is covered by ε)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config, arrays = fitins.config, parameters_to_ndarrays(fitins.parameters)
     names = str(config["upload-names"]).split("\n")
     server_round = int(config["server-round"])
-    if config["phase"] == "update":
-        faults.apply(cfg, node.partition_id, ArrayRecord(), {})  # crash / hang: a client that drops out
-        received = {k: torch.from_numpy(np.array(a)) for k, a in zip(str(config["state-names"]).split("\n"), arrays)}
-        result = local_round(cfg, node, worker_for(cfg), received, server_round, cfg.local_steps)
-        loss, examples, seconds = result.loss, result.examples, result.seconds
-        values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
-        values, _ = privatize(cfg, values, server_round, node.partition_id, num_clients=int(config["num-clients"]))
-        if cfg.aggregation in SIGN_CONSENSUS:
-            context.state[VALUES] = ArrayRecord(values)
-        vector = [values[name].numpy() for name in names]
-    else:
-        values = context.state[VALUES].to_torch_state_dict()
-        vector = []
-        for name, sign in zip(names, arrays):
-            agreeing, indicator = agreement(values[name], torch.from_numpy(sign.astype(np.float32)))
-            vector += [agreeing.numpy(), indicator.numpy()]
-        loss, seconds, examples = 0.0, 0.0, len(worker_for(cfg).training_data(cfg, node))
-    vector, clipped = within_range(vector, cfg.secagg_clipping_range)
-    weight = 1 if cfg.dp != "none" else examples  # DP: the uniform mean its noise is calibrated for
-    metrics = {"train_loss": float(loss), "train-seconds": seconds, "secure-clipped": clipped, "pid": os.getpid(),
-               "model-builds": MODEL_BUILDS.get(cfg.model, 0)}
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight, metrics)
+    faults.apply(cfg, node.partition_id, ArrayRecord(), {})  # crash / hang: a client that drops out
+    received = {k: torch.from_numpy(np.array(a)) for k, a in zip(str(config["state-names"]).split("\n"), arrays)}
+    result = local_round(cfg, node, worker_for(cfg), received, server_round, cfg.local_steps)
+    values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
+    values, _ = privatize(cfg, values, server_round, node.partition_id, min_survivors=int(config["min-survivors"]))
+    vector, clipped = within_range([values[name].numpy() for name in names], cfg.secagg_clipping_range)
+    private = cfg.dp != "none"
+    metrics = {"train-seconds": result.seconds, "secure-clipped": clipped, "pid": os.getpid(),
+               "model-builds": MODEL_BUILDS.get(cfg.model, 0), **({} if private else {"train_loss": float(result.loss)})}
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), 1 if private else result.examples, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
@@ -78,14 +61,16 @@ def step_values(
     server_round: int, partition_id: int,
 ) -> dict[str, torch.Tensor]:
     """The operator's client step: the additive upload itself for plain averages, else the
-    model-space update trimmed/dropped by the operator on this client alone."""
+    model-space update trimmed/dropped by the operator on this client alone (random drops seeded
+    from `secret-seed`, else the OS: the server must not be able to regenerate them)."""
     if cfg.aggregation in IDENTITY_STEP:
         return upload
     method = worker_for(cfg).method
     update = method.update_from_upload(upload, Sent(received, {}, 0.0, rank), additive=True)
-    seed = zlib.crc32(f"{cfg.seed}:{server_round}:{partition_id}".encode())
     params = cfg.aggregation_params()
-    return {name: client_step(cfg.aggregation, tensor, params, seed + i) for i, (name, tensor) in enumerate(update.items())}
+    return {name: client_step(cfg.aggregation, tensor, params, secret_int(cfg.secret_seed, "drop", server_round,
+                                                                          partition_id, name) % 2**31)
+            for name, tensor in update.items()}
 
 
 def within_range(vector: list[np.ndarray], limit: float) -> tuple[list[np.ndarray], int]:

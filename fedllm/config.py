@@ -31,7 +31,7 @@ RESULT_NEUTRAL_KEYS = (
 
 # Keys whose value must never reach an output (summary.json, checkpoints, study tables) nor the
 # config digest written beside them (a short hash of a small integer is easily inverted).
-SECRET_KEYS = ("dp-noise-seed",)
+SECRET_KEYS = ("secret-seed",)
 
 LARGEST_INT = 2**31 - 1  # every integer setting is below this: seeds and counts derived from it stay in range
 AUTO = "auto"
@@ -294,12 +294,18 @@ class RunConfig:
         "dp-target-epsilon", None, _positive, "'' (no limit) or a number > 0",
         "DP: stop, with outputs saved, before a round would take ε past this",
     )
+    dp_sampling_amplification: bool = _key(
+        "dp-sampling-amplification", False, lambda v: True, "true or false",
+        "central DP without secure aggregation: sample each node with probability fraction-train from secret "
+        "randomness (Poisson) and account with amplification by sampling",
+    )
     dp_accountant: str = _key(
         "dp-accountant", "rdp", lambda v: v in ("rdp", "pld"), "rdp or pld", "DP: Google dp-accounting's RDP or PLD accountant",
     )
-    dp_noise_seed: int | None = _key(
-        "dp-noise-seed", None, lambda v: v >= 0, "'' (secret, from the OS) or an integer >= 0",
-        "DP: seed of the noise; set it only for reproducible experiments (then it must stay secret)",
+    secret_seed: int | None = _key(
+        "secret-seed", None, lambda v: v >= 0, "'' (secret, from the OS) or an integer >= 0",
+        "seed of what the server must not predict (DP noise and sampling, secure DARE/DELLA drop masks); "
+        "set it only for reproducible experiments, and then keep it secret",
     )
     audit_dir: str = _key(
         "audit-dir", "", lambda v: True, "'' or a folder",
@@ -444,6 +450,8 @@ class RunConfig:
     def check_dp_keys(self) -> None:
         """DP needs a merge whose sensitivity is bounded by the clip norm: the (uniform) mean."""
         if self.dp == "none":
+            if self.dp_sampling_amplification:
+                raise ConfigError("run-config dp-sampling-amplification applies to dp = 'central' only")
             return
         if self.aggregation not in ("weighted_average", "task_arithmetic"):
             raise ConfigError(f"run-config dp = {self.dp!r} needs aggregation weighted_average or task_arithmetic (a mean "
@@ -454,6 +462,16 @@ class RunConfig:
         if self.dp_adaptive_clipping and (self.dp != "central" or self.secure_aggregation):
             raise ConfigError("run-config dp-adaptive-clipping needs dp = 'central' without secure aggregation (the "
                               "server must count the clients whose update norm is below C)")
+        if self.dp_sampling_amplification and (self.dp != "central" or self.secure_aggregation):
+            raise ConfigError("run-config dp-sampling-amplification needs dp = 'central' without secure aggregation: "
+                              "amplification assumes a sampling nobody who sees the output can predict, and only the "
+                              "trusted central server draws it (under secure aggregation the server it hides from "
+                              "would choose the clients)")
+        if self.dp_sampling_amplification and self.dp_adaptive_clipping:
+            raise ConfigError("run-config dp-sampling-amplification does not combine with dp-adaptive-clipping (the "
+                              "count of unclipped clients would be divided by the secret sample's size); set one false")
+        if self.dp_sampling_amplification and self.fraction_train >= 1:
+            raise ConfigError("run-config dp-sampling-amplification needs fraction-train < 1 (the sampling probability)")
 
     def check_baseline_keys(self) -> None:
         """Baselines are non-private references: privacy mechanisms would only blur them."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context
@@ -63,6 +63,8 @@ def main(grid: Grid, context: Context) -> None:
     server = ServerModel(cfg, test)
     strategy = build_strategy(cfg, server.method)
     strategy.context = context
+    for note in strategy.dp.describe() if strategy.dp is not None else []:
+        log(WARNING, "%s", note)
     if cfg.emulator_refusal() is None:  # nodes may train on emulators (the run's client-model, or their own)
         strategy.emulators = EmulatorFleet(cfg, server)  # before any update is installed: emulators take W0
     grid = MeteredGrid(grid, Path(cfg.audit_dir).expanduser() if cfg.audit_dir else None)

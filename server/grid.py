@@ -3,7 +3,8 @@
 Everything the ServerApp sends or receives, in plain rounds and in every stage of secure
 aggregation alike, passes through `MeteredGrid`, so the byte counts in `metrics.jsonl` are the
 serialized sizes of the real messages, per node. With `audit_dir` set, the serialized content of
-every message the server receives is also written there: what the server could have read.
+every message the server receives is also written there: what the server could have read; under
+secure aggregation, so is what it decodes from them (the sum), so attacks can be tried on its view.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 from pathlib import Path
 
+import torch
 from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
+from safetensors.torch import save
 
 from fedllm.outputs import private_folder, write_private
 
@@ -84,6 +87,13 @@ class MeteredGrid(Grid):
         private_folder(self.audit_dir)
         self.audited += 1
         write_private(self.audit_dir / f"{self.audited:06d}-node{node}.pb", recorddict_to_proto(content).SerializeToString())
+
+    def audit_view(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep `tensors`, something the server computed from what it received, as `<name>.safetensors`."""
+        if self.audit_dir is None:
+            return
+        private_folder(self.audit_dir)
+        write_private(self.audit_dir / f"{name}.safetensors", save(tensors))
 
 
 def exchange(

@@ -79,7 +79,7 @@ def run_rounds(
         arrays = ArrayRecord(global_delta)
         per_task, scores = strategy.evaluate(server, global_delta)
         base = recorder.record(0, per_task, train_loss=None, upload_bytes=0, download_bytes=0, round_seconds=0.0,
-                               **scores, **privacy_fields(strategy, 0))
+                               **scores, **privacy_fields(strategy))
         checkpoint(recorder, strategy, global_delta, 0)
     else:
         global_delta = resumed.global_delta
@@ -88,15 +88,15 @@ def run_rounds(
         recorder.restore(resumed.metrics)
         restore_rng(resumed.rng)
         if strategy.dp is not None:
-            strategy.dp.clip_norm = recorder.rounds[-1].get("dp_clip_norm", strategy.dp.clip_norm)
+            strategy.dp.restore(recorder.rounds)
         base = recorder.rounds[0]
         log(INFO, "resuming after round %d of %d", resumed.round, rounds)
     log(INFO, "round 0: base model accuracy %.3f", base["accuracy"])
     first = 1 if resumed is None else resumed.round + 1
     for server_round in range(first, rounds + 1):
-        if strategy.dp is not None and not strategy.dp.allows(server_round - 1):
+        if strategy.dp is not None and not strategy.dp.allows_another_round():
             recorder.stop_reason = (f"stopped before round {server_round}: it would take ε past dp-target-epsilon "
-                                    f"{strategy.cfg.dp_target_epsilon:g} (ε = {strategy.dp.epsilon(server_round - 1):.3f} "
+                                    f"{strategy.cfg.dp_target_epsilon:g} (ε = {strategy.dp.epsilon():.3f} "
                                     f"after {server_round - 1} rounds)")
             log(WARNING, "%s", recorder.stop_reason)
             break
@@ -109,6 +109,8 @@ def run_rounds(
         arrays = result.arrays
         global_delta = arrays.to_torch_state_dict()  # once per round: evaluation and checkpoint share it
         check_global_update(global_delta, server_round)
+        if strategy.dp is not None:
+            strategy.dp.complete_round(result.metrics["clients"], result.min_survivors)
         evaluating = time.perf_counter()
         per_task, scores = strategy.evaluate(server, global_delta)
         evaluate_seconds = time.perf_counter() - evaluating
@@ -118,7 +120,7 @@ def run_rounds(
         )
         row = recorder.record(
             server_round, per_task,
-            train_loss=result.metrics["train_loss"], clients=result.metrics["clients"],
+            train_loss=result.metrics.get("train_loss"), clients=result.metrics["clients"],
             rejected=result.metrics["rejected"], rejected_reasons=strategy.rejected, timed_out=result.timed_out,
             bounded=strategy.bounded,
             upload_bytes=sum(upload.values()), download_bytes=sum(download.values()),
@@ -128,19 +130,22 @@ def run_rounds(
             client_train_seconds=result.train_seconds,
             refactor_seconds=strategy.refactor_seconds, aggregate_seconds=result.aggregate_seconds,
             evaluate_seconds=evaluate_seconds, **scores,
-            **privacy_fields(strategy, server_round),
+            **privacy_fields(strategy),
         )
         checkpoint(recorder, strategy, global_delta, server_round)
-        log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %.3f, %.1f s",
-            server_round, rounds, row["accuracy"], base["accuracy"], row["train_loss"], row["round_seconds"])
+        loss = "withheld (DP)" if row["train_loss"] is None else f"{row['train_loss']:.3f}"
+        log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %s, %.1f s",
+            server_round, rounds, row["accuracy"], base["accuracy"], loss, row["round_seconds"])
     return global_delta
 
 
-def privacy_fields(strategy: ModelSpaceStrategy, rounds_done: int) -> dict[str, float]:
-    """ε spent after `rounds_done` rounds and the clip norm the next round uses (DP runs only)."""
-    if strategy.dp is None:
+def privacy_fields(strategy: ModelSpaceStrategy) -> dict[str, float]:
+    """ε spent so far, the last round's noise multiplier and the clip norm the next round uses (DP runs only)."""
+    dp = strategy.dp
+    if dp is None:
         return {}
-    return {"epsilon": strategy.dp.epsilon(rounds_done), "dp_clip_norm": strategy.dp.clip_norm}
+    last = {"dp_noise_multiplier": dp.releases[-1]} if dp.releases else {}
+    return {"epsilon": dp.epsilon(), **last, "dp_clip_norm": dp.clip_norm}
 
 
 def plain_round(

@@ -6,9 +6,9 @@ which in Flower 1.42 runs only through the legacy `LegacyContext` + `configure_f
 does not arrive are dropped from the sum, up to the protocol's reconstruction threshold; beyond
 it the round fails (and the run can resume from the last completed round).
 
-Linear operators need one exchange; sign-consensus operators (TIES and kin) two: the secure sum
-that elects the sign, then the secure sums of agreeing values and agreeing weights
-(`fedllm.privacy.secure`).
+One exchange per round: the operators allowed here are linear after each client's own step
+(`fedllm.privacy.secure`). With `audit-dir` the server also writes the one thing it learns, the
+sum, beside the masked messages (`view-RRRR.safetensors`), so attacks can be run on its view.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from fedllm.privacy.secure import IDENTITY_STEP, SIGN_CONSENSUS, disjoint_mean
+from fedllm.privacy.secure import IDENTITY_STEP, min_survivors
 from server.grid import MeteredGrid
 from server.strategy import ModelSpaceStrategy
 
 QUANTIZATION_RANGE = 2**22  # Flower's default: values become integers in [0, 2^22]
-PHASE_UPDATE, PHASE_AGREE = "update", "agree"
 
 
 @dataclass
@@ -44,6 +43,7 @@ class RoundResult:
     client_processes: list = field(default_factory=list)
     train_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its client's local training time
     aggregate_seconds: float = 0.0  # the server's merge (plain rounds; a secure round's sum is the protocol's)
+    min_survivors: int | None = None  # secure rounds: the fewest clients the sum could have completed with
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def secure_round(
     grid: MeteredGrid, strategy: ModelSpaceStrategy, server_round: int, rounds: int, arrays: ArrayRecord,
     timeout: float,
 ) -> RoundResult:
-    """Train and merge under SecAgg+: `ΔW_g + server_step(merge)` from secure sums only."""
+    """Train and merge under SecAgg+: `ΔW_g + server_step(scale · Σ p_k v_k)` from one secure sum."""
     cfg, method = strategy.cfg, strategy.method
     global_delta = strategy.current = arrays.to_torch_state_dict()
     nodes = strategy.sample(server_round)
@@ -128,35 +128,30 @@ def secure_round(
     rank, state = next(iter(sent.items()))
     identity = cfg.aggregation in IDENTITY_STEP
     names = list(method.upload_shapes(state, additive=True) if identity else global_delta)
-    config = {"server-round": server_round, "phase": PHASE_UPDATE, "state-names": "\n".join(state.state),
-              "upload-names": "\n".join(names), "lora-rank": rank, "num-clients": len(nodes)}
-    first = secure_mean(grid, strategy.context, strategy, server_round,
-                        {n: fitins_for([t.numpy() for t in state.state.values()], config) for n in nodes}, timeout)
-    log(INFO, "round %d/%d: secure sum of %d of %d client(s)", server_round, rounds, len(first.examples), len(nodes))
-    mean = {name: torch.from_numpy(np.asarray(a, dtype=np.float32)) for name, a in zip(names, first.arrays)}
+    fewest = min_survivors(len(nodes), cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
+    config = {"server-round": server_round, "state-names": "\n".join(state.state),
+              "upload-names": "\n".join(names), "lora-rank": rank, "min-survivors": fewest}
+    result = secure_mean(grid, strategy.context, strategy, server_round,
+                         {n: fitins_for([t.numpy() for t in state.state.values()], config) for n in nodes}, timeout)
+    survivors = len(result.examples)
+    log(INFO, "round %d/%d: secure sum of %d of %d client(s)", server_round, rounds, survivors, len(nodes))
+    mean = {name: torch.from_numpy(np.asarray(a, dtype=np.float32)) for name, a in zip(names, result.arrays)}
+    grid.audit_view(f"view-{server_round:04d}", mean)
     scale = float(strategy.operator_params.get("scale", 1.0))
-    if cfg.aggregation in SIGN_CONSENSUS:
-        signs = [torch.sign(mean[name]).to(torch.int8).numpy() for name in names]
-        agree = {n: fitins_for(signs, {**config, "phase": PHASE_AGREE}) for n in first.examples}
-        second = secure_mean(grid, strategy.context, strategy, server_round, agree, timeout)
-        smallest = min(second.examples.values()) / sum(second.examples.values())
-        halves = dict(zip(names, zip(second.arrays[0::2], second.arrays[1::2])))
-        merged = {name: scale * disjoint_mean(torch.from_numpy(a), torch.from_numpy(m), smallest).float()
-                  for name, (a, m) in halves.items()}
-    elif identity:
-        merged = {k: scale * v for k, v in method.update_from_upload(mean, state, additive=True).items()}
-    else:
-        merged = {k: scale * v for k, v in mean.items()}
-    step, strategy.optimizer_state = strategy.optimizer.step(merged, strategy.optimizer_state)
+    if identity:
+        mean = method.update_from_upload(mean, state, additive=True)
+    step, strategy.optimizer_state = strategy.optimizer.step({k: scale * v for k, v in mean.items()},
+                                                             strategy.optimizer_state)
     new_global = {module: delta + step[module] for module, delta in global_delta.items()}
-    weights = first.examples
-    loss = sum(first.metrics[n]["train_loss"] * w for n, w in weights.items()) / sum(weights.values())
-    clipped = sum(int(m.get("secure-clipped", 0)) for m in first.metrics.values())
+    clipped = sum(int(m.get("secure-clipped", 0)) for m in result.metrics.values())
     if clipped:
         log(INFO, "round %d: %d value(s) exceeded secagg-clipping-range %g and were clipped", server_round, clipped,
             cfg.secagg_clipping_range)
     strategy.rejected = []
-    metrics = MetricRecord({"train_loss": float(loss), "clients": len(weights), "rejected": 0, "secure-clipped": clipped})
-    train_seconds = {strategy.nodes[n].partition_id: float(m["train-seconds"]) for n, m in first.metrics.items()}
-    return RoundResult(ArrayRecord(new_global), metrics, len(nodes) - len(weights), train_seconds=train_seconds)
-
+    metrics = MetricRecord({"clients": survivors, "rejected": 0, "secure-clipped": clipped})
+    if cfg.dp == "none":  # under DP clients withhold their loss: it is not covered by ε
+        weights = result.examples
+        metrics["train_loss"] = sum(result.metrics[n]["train_loss"] * w for n, w in weights.items()) / sum(weights.values())
+    train_seconds = {strategy.nodes[n].partition_id: float(m["train-seconds"]) for n, m in result.metrics.items()}
+    return RoundResult(ArrayRecord(new_global), metrics, len(nodes) - survivors, train_seconds=train_seconds,
+                       min_survivors=fewest)

@@ -67,8 +67,11 @@ class ModelSpaceStrategy(Strategy):
         self.emulators: EmulatorFleet | None = None  # set by the ServerApp when nodes may train on emulators
 
     def sample(self, server_round: int) -> list[int]:
-        """Seeded choice among the online nodes, in partition order, so runs are reproducible."""
+        """Seeded choice among the online nodes, in partition order, so runs are reproducible
+        (with `dp-sampling-amplification`, DP's secret Poisson sampling instead)."""
         ordered = self.online_in_order()
+        if self.dp is not None and self.cfg.dp_sampling_amplification:
+            return self.dp.poisson_sample(ordered, server_round)
         rng = random.Random(f"{self.cfg.seed}:sample:{server_round}")
         return sorted(rng.sample(ordered, self.sample_size()), key=ordered.index)
 
@@ -172,7 +175,8 @@ class ModelSpaceStrategy(Strategy):
                 self.emulators.forget(node)
             raise ReplyRejected(f"node {node} failed: {error_summary(reply.error.reason)}")
         arrays, metrics = reply_records(node, reply.content)
-        check_train_loss(node, metrics)
+        if self.dp is None:
+            check_train_loss(node, metrics)
         sent = self.sent_for(node, metrics)
         additive = self.cfg.additive_uploads()
         upload = self.checked_upload(node, arrays, self.method.upload_shapes(sent, additive))
@@ -206,7 +210,9 @@ class ModelSpaceStrategy(Strategy):
         mean of the clipped updates (times the operator's scale)."""
         if self.dp is not None and self.cfg.dp == "central":
             scale = float(self.operator_params.get("scale", 1.0))
-            return {k: scale * v for k, v in self.dp.central_mean(updates).items()}
+            shapes = {module: tensor.shape for module, tensor in self.current.items()}
+            mean = self.dp.central_mean(updates, shapes, server_round, population=len(self.online))
+            return {k: scale * v for k, v in mean.items()}
         return {
             module: self.merge_module(server_round, index, module, updates, weights)
             for index, module in enumerate(self.current)
@@ -256,16 +262,18 @@ class ModelSpaceStrategy(Strategy):
             updates.append(tau)
             weights.append(examples)
             nodes.append(self.reply_node(reply))
-            losses.append(float(reply.content["metrics"]["train_loss"]))
-        if len(updates) < self.min_train_nodes:
+            if self.dp is None:
+                losses.append(float(reply.content["metrics"]["train_loss"]))
+        if len(updates) < self.min_train_nodes and not self.cfg.dp_sampling_amplification:  # Poisson: any size
             raise RuntimeError(
                 f"round {server_round}: only {len(updates)} valid replies (min-clients = {self.min_train_nodes}); "
                 f"rejected: {self.rejected or 'none'}"
             )
-        loss = float(sum(l * n for l, n in zip(losses, weights)) / sum(weights))
         updates, weights = self.bounded_influence(updates, weights, nodes)
         new_global = self.updated_global(server_round, updates, weights, nodes)
-        metrics = MetricRecord({"train_loss": loss, "clients": len(updates), "rejected": len(self.rejected)})
+        metrics = MetricRecord({"clients": len(updates), "rejected": len(self.rejected)})
+        if self.dp is None:  # under DP clients withhold their loss: ε does not cover it
+            metrics["train_loss"] = float(sum(l * n for l, n in zip(losses, weights)) / sum(weights))
         return ArrayRecord(new_global), metrics
 
     def bounded_influence(self, updates: list[Delta], weights: list[float], nodes: list[int]) -> tuple[list[Delta], list[float]]:

@@ -156,10 +156,10 @@ def test_a_state_from_another_config_is_refused_naming_the_keys(tmp_path):
 
 
 def test_the_secret_noise_seed_never_reaches_a_checkpoint(tmp_path):
-    cfg = RunConfig.from_flower({"dp": "central", "dp-noise-seed": 987654321})
+    cfg = RunConfig.from_flower({"dp": "central", "secret-seed": 987654321})
     path = save_state(tmp_path, state(1, cfg))
-    assert b"987654321" not in path.read_bytes() and "dp-noise-seed" not in cfg.as_dict()
-    assert cfg.digest() == RunConfig.from_flower({"dp": "central", "dp-noise-seed": 5}).digest()
+    assert b"987654321" not in path.read_bytes() and "secret-seed" not in cfg.as_dict()
+    assert cfg.digest() == RunConfig.from_flower({"dp": "central", "secret-seed": 5}).digest()
 
 
 def test_missing_state_says_there_is_nothing_to_resume(tmp_path):

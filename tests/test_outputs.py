@@ -82,9 +82,9 @@ def test_make_private_tightens_a_tree_and_removes_links_inside(tmp_path):
 
 
 def test_the_secret_noise_seed_is_not_in_the_summary(tmp_path):
-    cfg = RunConfig.from_flower({"output-dir": str(tmp_path), "dp": "central", "dp-noise-seed": 424242})
+    cfg = RunConfig.from_flower({"output-dir": str(tmp_path), "dp": "central", "secret-seed": 424242})
     recorder = RunRecorder(output_dir_for(cfg), cfg)
     recorder.record(0, {"copy": 0.0})
     recorder.finish()
     text = (tmp_path / "summary.json").read_text()
-    assert "424242" not in text and "dp-noise-seed" not in json.loads(text)["config"]
+    assert "424242" not in text and "secret-seed" not in json.loads(text)["config"]

@@ -1,19 +1,25 @@
 """Client-level differential privacy primitives on model-space updates (pure functions, no Flower).
 
 An update is `dict[str, Tensor]` (float32, one client's model-space update). The unit of privacy is
-one client: neighbouring runs differ by adding or removing one client's whole contribution.
+one client: neighbouring runs differ by adding or removing one client's whole contribution
+(central and distributed DP), or, for local DP, by replacing a client's input with any other.
 
 - Clipping: one global L2 norm per update, Δ ← Δ·min(1, C/‖Δ‖)   (DP-FedAvg, McMahan et al. 2018,
   arXiv 1710.06963).
-- Gaussian noise with multiplier z on an update of sensitivity C: σ = z·C, placed centrally (once on
-  the sum), distributed (σ/√K from each of K clients under secure aggregation) or locally.
+- Gaussian noise with multiplier z on a release of sensitivity S: σ = z·S. Central: S = C on the
+  sum. Distributed under secure aggregation: each client adds σ/√T, T the fewest clients the
+  protocol lets a round complete with, so any completed sum carries at least N(0, (zC)²). Local:
+  S = 2C (any two inputs, both clipped to C).
 - Adaptive clipping: C tracks a quantile γ of the update norms from a noisy count of unclipped
-  clients (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping", arXiv 1905.03871).
-- Accounting with Google's `dp_accounting` (RDP or PLD), Gaussian releases composed, no sampling.
+  clients, with centred bits b − ½ (sensitivity ½), as in Andrew et al. 2021, "Differentially
+  Private Learning with Adaptive Clipping", arXiv 1905.03871, Sec. 3.1.
+- Accounting with Google's `dp_accounting` (RDP or PLD): one Gaussian release per round, with
+  amplification by Poisson sampling of rate q when the run samples clients that way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections import Counter
@@ -45,21 +51,32 @@ def clip(update: Update, clip_norm: float) -> tuple[Update, float]:
 
 
 def gaussian_noise(shapes: dict[str, torch.Size], std: float, generator: torch.Generator) -> Update:
-    """Independent N(0, std²) float32 entries per tensor, drawn from `generator` in the order of `shapes`."""
+    """Independent N(0, std²) float32 entries per tensor, drawn from `generator` in the order of the
+    tensors' names (not of `shapes`: a dict read back from a checkpoint may list them otherwise)."""
     if std < 0:
         raise ValueError(f"noise std must be >= 0, got {std}")
     return {
-        name: torch.randn(shape, generator=generator, dtype=torch.float32) * std for name, shape in shapes.items()
+        name: torch.randn(shapes[name], generator=generator, dtype=torch.float32) * std for name in sorted(shapes)
     }
 
 
-def noise_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with `seed` (reproducible experiments), or, when None, from OS entropy.
+def secret_int(secret_seed: int | None, *labels: object) -> int:
+    """63 bits nobody can predict: from the OS when `secret_seed` is None, else SHA-256 of the seed
+    and `labels` (reproducible experiments; one independent stream per label, e.g. per round, so
+    a resumed run draws what the uninterrupted run drew and no draw repeats another)."""
+    if secret_seed is None:
+        return secrets.randbits(63)
+    text = ":".join(str(part) for part in (secret_seed, *labels))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
-    The DP guarantee assumes noise nobody can predict, so the default seed comes from
-    `secrets.randbits(63)` and never from the run config (whose seeds are public and reused).
+
+def secret_generator(secret_seed: int | None, *labels: object) -> torch.Generator:
+    """A CPU generator seeded with `secret_int(secret_seed, *labels)`.
+
+    The DP guarantee assumes noise nobody can predict, so the default comes from the OS and never
+    from the run config's `seed` (which is public and reused).
     """
-    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    return torch.Generator().manual_seed(secret_int(secret_seed, *labels))
 
 
 def central_noise_std(clip_norm: float, noise_multiplier: float) -> float:
@@ -67,16 +84,25 @@ def central_noise_std(clip_norm: float, noise_multiplier: float) -> float:
     return noise_multiplier * clip_norm
 
 
-def distributed_noise_std(clip_norm: float, noise_multiplier: float, num_clients: int) -> float:
-    """σ_k = z·C/√K from each of K clients, so the securely aggregated sum carries N(0, z²C²)."""
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    return noise_multiplier * clip_norm / math.sqrt(num_clients)
+def distributed_noise_std(clip_norm: float, noise_multiplier: float, min_survivors: int) -> float:
+    """σ_k = z·C/√T from each client, T the fewest clients a secure sum can complete with: any sum
+    of S ≥ T clients carries N(0, z²C²·S/T), at least what central DP puts on the sum."""
+    if min_survivors < 1:
+        raise ValueError(f"min_survivors must be >= 1, got {min_survivors}")
+    return noise_multiplier * clip_norm / math.sqrt(min_survivors)
+
+
+def distributed_multiplier(noise_multiplier: float, survivors: int, min_survivors: int) -> float:
+    """The multiplier a completed distributed-DP sum actually has: z·√(S/T) for S of the clients
+    that each added σ_k = z·C/√T (S ≥ T, so never below z)."""
+    return noise_multiplier * math.sqrt(survivors / min_survivors)
 
 
 def local_noise_std(clip_norm: float, noise_multiplier: float) -> float:
-    """σ = z·C on each client's own clipped update: every upload is by itself a Gaussian mechanism with multiplier z."""
-    return noise_multiplier * clip_norm
+    """σ = z·2C on each client's own clipped update: local DP protects any two inputs of the
+    client, whose clipped updates differ by up to 2C, so every upload is a Gaussian mechanism with
+    multiplier z (the usual local definition, Dwork & Roth 2014, Def. 2.4 with replacement)."""
+    return noise_multiplier * 2 * clip_norm
 
 
 def clipped_fraction_bits(norms: list[float], clip_norm: float) -> list[int]:
@@ -85,13 +111,17 @@ def clipped_fraction_bits(norms: list[float], clip_norm: float) -> list[int]:
 
 
 def noisy_fraction(bits: list[int], count_std: float, generator: torch.Generator) -> float:
-    """b̄ = (Σ_k b_k + N(0, σ_b²)) / K: the private fraction of unclipped clients (arXiv 1905.03871, Alg. 1)."""
+    """b̄ = (Σ_k (b_k − ½) + N(0, σ_b²)) / K + ½: the private fraction of unclipped clients.
+
+    The bits are centred, so adding or removing one client moves the noised sum by at most ½;
+    that is the sensitivity `update_noise_multiplier` assumes (arXiv 1905.03871, Sec. 3.1).
+    """
     if not bits:
         raise ValueError("noisy_fraction needs at least one bit")
     if count_std < 0:
         raise ValueError(f"count_std must be >= 0, got {count_std}")
     noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_std
-    return (sum(bits) + noise) / len(bits)
+    return (sum(b - 0.5 for b in bits) + noise) / len(bits) + 0.5
 
 
 def next_clip_norm(
@@ -104,8 +134,9 @@ def next_clip_norm(
 
 
 def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
-    """z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2): the update's multiplier when the noisy count (std σ_b on the bit SUM) shares
-    the budget, so that the pair is one Gaussian mechanism with multiplier z (arXiv 1905.03871, Sec. 3.1)."""
+    """z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2): the update's multiplier when the noisy count (std σ_b on the sum of
+    centred bits, sensitivity ½, so multiplier 2σ_b) shares the budget; the pair is then one Gaussian
+    mechanism with multiplier z, because Gaussian mechanisms compose as (Σ z_i⁻²)^(−1/2) (arXiv 1905.03871, Sec. 3.1)."""
     if not noise_multiplier > 0:
         raise ValueError(f"noise_multiplier must be > 0 for adaptive clipping with DP, got {noise_multiplier}")
     if not count_std > 0:
@@ -123,21 +154,25 @@ def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
 class Accountant:
     """ε of a run of Gaussian releases under add/remove-one-client, with `dp_accounting` ("rdp" or "pld").
 
-    No amplification by sampling: fedllm's client sampling is seeded from the run config, so it is
-    not secret randomness and the amplification theorems (which assume it is) do not apply.
+    With `sampling_rate` q < 1 each round's release is amplified by Poisson sampling: it assumes
+    every client took part in a round independently with probability q, drawn from randomness that
+    no one who sees the outputs knows (fedllm's `dp-sampling-amplification` draws it so).
     """
 
     kind: str = "rdp"
     delta: float = 1e-5
+    sampling_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ACCOUNTANTS:
             raise ValueError(f"accountant {self.kind!r} is unknown; choose one of {', '.join(ACCOUNTANTS)}")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not 0.0 < self.sampling_rate <= 1.0:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
 
     def epsilon(self, noise_multipliers: list[float]) -> float:
-        """ε(δ) after one `GaussianDpEvent(z)` per entry, composed (equal z grouped with `SelfComposedDpEvent`)."""
+        """ε(δ) after one Gaussian release per entry (Poisson-sampled at q < 1), composed."""
         if any(z < 0 for z in noise_multipliers):
             raise ValueError(f"noise multipliers must be >= 0, got {noise_multipliers}")
         if not noise_multipliers:
@@ -148,11 +183,12 @@ class Accountant:
         from dp_accounting.pld import pld_privacy_accountant
         from dp_accounting.rdp import rdp_privacy_accountant
 
+        def release(z: float) -> dp_accounting.DpEvent:
+            gaussian = dp_accounting.GaussianDpEvent(z)
+            return gaussian if self.sampling_rate == 1.0 else dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gaussian)
+
         event = dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), count)
-                for z, count in Counter(noise_multipliers).items()
-            ]
+            [dp_accounting.SelfComposedDpEvent(release(z), count) for z, count in Counter(noise_multipliers).items()]
         )
         if self.kind == "rdp":
             accountant = rdp_privacy_accountant.RdpAccountant()
