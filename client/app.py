@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
 from client import faults
-from client.privacy import privatize
+from client.privacy import privatize, reported_examples
 from client.secure import secure_aggregation_mod, secure_reply
 from client.worker import MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_round, worker_for
 from fedllm.config import RunConfig
@@ -63,12 +63,6 @@ def train(msg: Message, context: Context) -> Message:
     })
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
-def reported_examples(cfg: RunConfig, examples: int) -> int:
-    """The example count to tell the server: under DP 1, since weights are uniform there and ε does
-    not cover the count (nor the train loss, which is withheld)."""
-    return 1 if cfg.dp != "none" else examples
 
 
 def worker_for_message(cfg: RunConfig, content: RecordDict) -> Worker:

@@ -31,3 +31,9 @@ def privatize(
     generator = secret_generator(cfg.secret_seed, "client-noise", server_round, partition_id)
     noise = gaussian_noise({k: t.shape for k, t in clipped.items()}, std, generator)
     return {k: clipped[k] + noise[k] for k in clipped}, norm
+
+
+def reported_examples(cfg: RunConfig, examples: int) -> int:
+    """The example count to tell the server: under DP 1, since weights are uniform there and ε does
+    not cover the count (nor the train loss, which is withheld)."""
+    return 1 if cfg.dp != "none" else examples

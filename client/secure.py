@@ -22,12 +22,13 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from client import faults
-from client.privacy import privatize
+from client.privacy import privatize, reported_examples
 from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
 from fedllm.methods import Sent
 from fedllm.privacy import secret_int
 from fedllm.privacy.secure import IDENTITY_STEP, client_step
+
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's SecAgg+ client mod, for runs with `secure-aggregation = true` only."""
@@ -49,10 +50,11 @@ def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
     values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
     values, _ = privatize(cfg, values, server_round, node.partition_id, min_survivors=int(config["min-survivors"]))
     vector, clipped = within_range([values[name].numpy() for name in names], cfg.secagg_clipping_range)
-    private = cfg.dp != "none"
     metrics = {"train-seconds": result.seconds, "secure-clipped": clipped, "pid": os.getpid(),
-               "model-builds": MODEL_BUILDS.get(cfg.model, 0), **({} if private else {"train_loss": float(result.loss)})}
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), 1 if private else result.examples, metrics)
+               "model-builds": MODEL_BUILDS.get(cfg.model, 0),
+               **({} if cfg.dp != "none" else {"train_loss": float(result.loss)})}
+    weight = reported_examples(cfg, result.examples)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
