@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
 from client import faults
-from client.privacy import privatize, reported_examples
+from client.privacy import privatize, released_metrics, reported_examples
 from client.secure import secure_aggregation_mod, secure_reply
 from client.worker import MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_round, worker_for
 from fedllm.config import RunConfig
@@ -56,11 +56,11 @@ def train(msg: Message, context: Context) -> Message:
     worker = worker_for_message(cfg, msg.content)
     result = local_round(cfg, node, worker, received, server_round, int(config.get("local-steps", cfg.local_steps)))
     update, _ = privatize(cfg, result.update, server_round, node.partition_id)  # local DP only here
-    metrics = MetricRecord({
-        "num-examples": reported_examples(cfg, result.examples), "train-seconds": result.seconds,
-        "partition-id": node.partition_id, "lora-rank": node.rank, "pid": os.getpid(),
-        "model-builds": MODEL_BUILDS[worker.name], **({} if cfg.dp != "none" else {"train_loss": result.loss}),
-    })
+    metrics = MetricRecord(released_metrics(cfg, {
+        "num-examples": reported_examples(cfg, result.examples), "train_loss": result.loss,
+        "train-seconds": result.seconds, "partition-id": node.partition_id, "lora-rank": node.rank,
+        "pid": os.getpid(), "model-builds": MODEL_BUILDS[worker.name],
+    }))
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -35,5 +35,15 @@ def privatize(
 
 def reported_examples(cfg: RunConfig, examples: int) -> int:
     """The example count to tell the server: under DP 1, since weights are uniform there and ε does
-    not cover the count (nor the train loss, which is withheld)."""
+    not cover the count."""
     return 1 if cfg.dp != "none" else examples
+
+
+DATA_METRICS = ("train_loss", "train-seconds", "secure-clipped")  # depend on the client's data; ε covers none
+
+
+def released_metrics(cfg: RunConfig, metrics: dict) -> dict:
+    """The reply metrics a client may send: under DP without those that depend on its data."""
+    if cfg.dp == "none":
+        return metrics
+    return {key: value for key, value in metrics.items() if key not in DATA_METRICS}

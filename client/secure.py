@@ -22,7 +22,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from client import faults
-from client.privacy import privatize, reported_examples
+from client.privacy import privatize, released_metrics, reported_examples
 from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
 from fedllm.methods import Sent
@@ -39,7 +39,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 
 def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
     """The FitRes the mod masks: the client step's vector, the example weight and the metrics
-    (under DP the weight is 1 and the loss withheld: neither is covered by ε)."""
+    (under DP the weight is 1 and metrics that depend on the data are withheld: ε covers neither)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config, arrays = fitins.config, parameters_to_ndarrays(fitins.parameters)
     names = str(config["upload-names"]).split("\n")
@@ -50,9 +50,9 @@ def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
     values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
     values, _ = privatize(cfg, values, server_round, node.partition_id, min_survivors=int(config["min-survivors"]))
     vector, clipped = within_range([values[name].numpy() for name in names], cfg.secagg_clipping_range)
-    metrics = {"train-seconds": result.seconds, "secure-clipped": clipped, "pid": os.getpid(),
-               "model-builds": MODEL_BUILDS.get(cfg.model, 0),
-               **({} if cfg.dp != "none" else {"train_loss": float(result.loss)})}
+    metrics = released_metrics(cfg, {"train_loss": float(result.loss), "train-seconds": result.seconds,
+                                     "secure-clipped": clipped, "pid": os.getpid(),
+                                     "model-builds": MODEL_BUILDS.get(cfg.model, 0)})
     weight = reported_examples(cfg, result.examples)
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -48,7 +48,7 @@ class ServerDp:
         cfg = self.cfg
         notes = [f"dp = {cfg.dp!r}: clients are weighted equally (aggregation {cfg.aggregation!r} becomes a uniform "
                  "mean: an example-count weight would let one client move the mean by more than C/K), and they "
-                 "withhold their train loss and example count, which ε does not cover"]
+                 "withhold their train loss, training time and example count, which ε does not cover"]
         if cfg.dp == "local":
             notes.append("dp = 'local': each upload gets N(0, (2zC)²), sensitivity 2C (any two inputs of a client); "
                          "ε is per client, for one that took part in every round")

@@ -152,6 +152,7 @@ def secure_round(
     if cfg.dp == "none":  # under DP clients withhold their loss: it is not covered by ε
         weights = result.examples
         metrics["train_loss"] = sum(result.metrics[n]["train_loss"] * w for n, w in weights.items()) / sum(weights.values())
-    train_seconds = {strategy.nodes[n].partition_id: float(m["train-seconds"]) for n, m in result.metrics.items()}
+    train_seconds = {strategy.nodes[n].partition_id: float(m["train-seconds"])  # withheld under DP
+                     for n, m in result.metrics.items() if "train-seconds" in m}
     return RoundResult(ArrayRecord(new_global), metrics, len(nodes) - survivors, train_seconds=train_seconds,
                        min_survivors=fewest)

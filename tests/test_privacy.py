@@ -278,4 +278,5 @@ def test_distributed_dp_reports_epsilon_of_its_survivors_per_round_stops_at_its_
     assert summary["epsilon"] == rows[-1]["epsilon"] and (tmp_path / "model").exists()
     # Nothing ε does not cover leaves the clients: no loss, every example count 1; and the run says so.
     assert all(r["train_loss"] is None for r in rows) and {n["num_examples"] for n in summary["nodes"]} == {1}
+    assert all(r["client_train_seconds"] == {} for r in rows[1:]), "training times depend on the data too"
     assert "clients are weighted equally" in capfd.readouterr().out
