@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm.config import ConfigError, RunConfig
+from fedllm.config import SECRET_KEYS, ConfigError, RunConfig
 from fedllm.outputs import earlier_run
 
 
@@ -146,7 +146,7 @@ def _completed(folder: Path, planned: PlannedRun) -> bool:
     if not path.exists():
         return False
     ran = json.loads(path.read_text())["config"]
-    differing = [k for k, v in planned.overrides.items() if ran.get(k) != v]
+    differing = [k for k, v in planned.overrides.items() if ran.get(k) != v and k not in SECRET_KEYS]  # never saved
     if differing:
         raise ConfigError(
             f"{folder} holds a finished run with other settings ({', '.join(differing)}); "

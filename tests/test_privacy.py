@@ -224,6 +224,9 @@ def test_no_message_the_server_receives_holds_an_individual_update(secure_runs):
             senders += 1
             masked += [bytes_to_ndarray(blob).ravel() for blob in configs[Key.MASKED_PARAMETERS]]
     assert senders == 2, "one masked upload from each surviving client"
+    # What the server decoded: one sum for the round, nothing to run the subset-sum attack of the
+    # refused two-phase TIES on (a second sum of weights per entry).
+    assert sorted(p.name for p in (secure / "audit").glob("view-*")) == ["view-0001.safetensors"]
     for vector in masked:  # plaintext would sit in [0, Q]; masked values are uniform over [0, 2^32)
         assert float((vector.astype(np.float64) <= QUANTIZATION_RANGE).mean()) < 0.02
 

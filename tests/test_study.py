@@ -12,7 +12,7 @@ import pytest
 from fedllm.cli import main as fedllm_main
 from fedllm.config import ConfigError
 from fedllm.models import builtin_weights_digest
-from fedllm.study import load_study
+from fedllm.study import PlannedRun, Study, load_study, pending_runs
 from tests.conftest import ONE_ACTOR_CPUS, PROJECT
 
 
@@ -132,3 +132,16 @@ def test_results_page_keeps_the_sections_of_studies_not_rerun(tmp_path, monkeypa
     kept = results.previous_sections(docs / "RESULTS.md")
     not_run = [line[3:] for line in shipped.splitlines() if line.startswith("## ") and line[3:] not in kept]
     assert all(f"## {name}\n\nNot run yet" in shipped for name in not_run)
+
+
+def test_a_finished_run_counts_as_done_although_its_secret_seed_was_never_saved(tmp_path):
+    """Outputs leave secret-seed out, so a study that sets it must not take that for a change."""
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "summary.json").write_text(json.dumps({"config": {"dp": "central", "seed": 0}}))
+
+    def pending(overrides: dict) -> list:
+        return pending_runs(Study(clients=3, base={}, runs=[PlannedRun("r", overrides, 3)]), tmp_path)
+
+    assert pending({"dp": "central", "secret-seed": 0}) == []
+    with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
+        pending({"seed": 1})
