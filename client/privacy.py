@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from fedllm.config import RunConfig
-from fedllm.privacy import clip, distributed_noise_std, gaussian_noise, local_noise_std, secret_generator
+from fedllm.privacy import clip, distributed_noise_std, gaussian_noise, local_noise_std
+from fedllm.seeds import secret_generator
 
 
 def privatize(

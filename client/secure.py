@@ -26,7 +26,7 @@ from client.privacy import privatize, released_metrics, reported_examples
 from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
 from fedllm.methods import Sent
-from fedllm.privacy import secret_int
+from fedllm.seeds import secret_int
 from fedllm.privacy.secure import IDENTITY_STEP, client_step
 
 

@@ -23,6 +23,7 @@ from fedllm.data import Example, client_share, load_examples, load_splits
 from fedllm.emulator import FULL, EmulatorError, LayerMap, instantiate, load_cached, save_cached, verified
 from fedllm.methods import build_method
 from fedllm.models import cache_dir, load_model, load_tokenizer, pick_device
+from fedllm.seeds import local_training_seed
 from fedllm.train import Encoded, encode, train_steps
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def local_round(
     data = worker.training_data(cfg, node)
     model, adapter = worker.adapter(node.rank)
     worker.method.install(model, adapter, received)
-    seed = cfg.seed * 100_003 + server_round * 1009 + node.partition_id
+    seed = local_training_seed(cfg.seed, server_round, node.partition_id)
     torch.manual_seed(seed)  # dropout draws from the global RNG
     loss = train_steps(
         model, data, steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),

@@ -13,6 +13,7 @@ from flwr.app import MetricRecord
 from fedllm.adapters import Delta
 from fedllm.config import RunConfig
 from fedllm.methods import PeftMethod, Sent
+from fedllm.seeds import refactor_seed
 from fedllm.train import mean_accuracy
 from server.model import ServerModel
 from server.strategy import ModelSpaceStrategy
@@ -68,7 +69,7 @@ class LocalOnlyStrategy(ModelSpaceStrategy):
         return {_slot(p, module): t.clone() for p in self.partitions() for module, t in zero.items()}
 
     def states_to_send(self, server_round: int, global_delta: Delta, node_ids: list[int]) -> dict[int, Sent]:
-        seed = self.cfg.seed * 7919 + server_round
+        seed = refactor_seed(self.cfg.seed, server_round)
         states = {}
         for node_id in node_ids:
             info = self.nodes[node_id]

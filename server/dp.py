@@ -22,8 +22,9 @@ from fedllm.adapters import Delta
 from fedllm.config import RunConfig
 from fedllm.privacy import (
     Accountant, central_noise_std, clip, clipped_fraction_bits, distributed_multiplier, gaussian_noise,
-    next_clip_norm, noisy_fraction, secret_generator, update_noise_multiplier,
+    next_clip_norm, noisy_fraction, update_noise_multiplier,
 )
+from fedllm.seeds import secret_generator
 
 
 @dataclass

@@ -9,7 +9,6 @@ means as an update `τ_k` (for LoRA `s·B'A' − s·BA`, after minus as sent); t
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +24,7 @@ from fedllm.emulator import FULL, LayerMap
 from fedllm.merge import RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
 from fedllm.robust import cap_weights, clip_to_median
+from fedllm.seeds import operator_seed, refactor_seed, sampling_rng
 from server.dp import ServerDp
 from server.emulators import EmulatorFleet, restrict
 from server.model import ServerModel
@@ -72,7 +72,7 @@ class ModelSpaceStrategy(Strategy):
         ordered = self.online_in_order()
         if self.dp is not None and self.cfg.dp_sampling_amplification:
             return self.dp.poisson_sample(ordered, server_round)
-        rng = random.Random(f"{self.cfg.seed}:sample:{server_round}")
+        rng = sampling_rng(self.cfg.seed, server_round)
         return sorted(rng.sample(ordered, self.sample_size()), key=ordered.index)
 
     def online_in_order(self) -> list[int]:
@@ -163,7 +163,7 @@ class ModelSpaceStrategy(Strategy):
     def sent_states(self, server_round: int, global_delta: Delta, ranks: Iterable[int]) -> dict[int, Sent]:
         """The method's state for ΔW_g at each rank (seeded per round: random directions of a
         re-factoring are the same in a replay)."""
-        return {r: self.method.sent_state(global_delta, r, self.cfg.seed * 7919 + server_round) for r in sorted(ranks)}
+        return {r: self.method.sent_state(global_delta, r, refactor_seed(self.cfg.seed, server_round)) for r in sorted(ranks)}
 
     def client_update(self, reply: Message) -> tuple[Delta, float]:
         """`τ_k` per module and the example count of one reply; `ReplyRejected` naming the node and
@@ -233,7 +233,7 @@ class ModelSpaceStrategy(Strategy):
         """A fresh, reproducible seed per round and module for randomized operators (DARE, DELLA)."""
         if self.cfg.aggregation not in RANDOMIZED:
             return {}
-        return {"seed": (self.cfg.seed * 1_000_003 + server_round * 10_007 + module_index) % 2**31}
+        return {"seed": operator_seed(self.cfg.seed, server_round, module_index)}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []

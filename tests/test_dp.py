@@ -27,11 +27,11 @@ from fedllm.privacy import (
     local_noise_std,
     next_clip_norm,
     noisy_fraction,
-    secret_generator,
     update_noise_multiplier,
     update_norm,
 )
 from fedllm.privacy.secure import min_survivors
+from fedllm.seeds import secret_generator
 from server.dp import ServerDp
 
 SHAPES = {"a": torch.Size([400, 250]), "b": torch.Size([100_000])}  # 200k entries

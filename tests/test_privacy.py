@@ -30,7 +30,7 @@ from fedllm.config import ConfigError, RunConfig
 from fedllm.launch import RunFailed
 from fedllm.merge import get_operator
 from fedllm.methods import build_method
-from fedllm.privacy import secret_int
+from fedllm.seeds import secret_int
 from fedllm.privacy.secure import client_step
 from server.dp import ServerDp
 from server.strategy import ModelSpaceStrategy

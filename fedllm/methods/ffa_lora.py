@@ -12,7 +12,6 @@ To send the global update the server projects `ΔW_g` onto the row space of `A`:
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 from peft import PeftModel
@@ -20,6 +19,7 @@ from peft import PeftModel
 from fedllm.adapters import factor_key
 from fedllm.methods.base import PeftMethod, Sent, Tensors
 from fedllm.methods.lora import Lora
+from fedllm.seeds import frozen_a_seed
 
 
 class FfaLora(Lora):
@@ -38,8 +38,7 @@ class FfaLora(Lora):
         row spaces nest (clients of different ranks update a common subspace)."""
         if (module, rank) not in self._frozen:  # drawn once: every reply of every round uses it
             d_in = self.layers[module].in_features
-            seed = zlib.crc32(f"{self.cfg.seed}:{self.full_name(module)}".encode())  # the same on an emulator
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(frozen_a_seed(self.cfg.seed, self.full_name(module)))
             rows = [torch.rand(d_in, generator=generator) for _ in range(rank)]
             self._frozen[(module, rank)] = (torch.stack(rows) * 2 - 1) / math.sqrt(d_in)
         return self._frozen[(module, rank)]

@@ -19,9 +19,7 @@ one client: neighbouring runs differ by adding or removing one client's whole co
 
 from __future__ import annotations
 
-import hashlib
 import math
-import secrets
 from collections import Counter
 from dataclasses import dataclass
 
@@ -58,25 +56,6 @@ def gaussian_noise(shapes: dict[str, torch.Size], std: float, generator: torch.G
     return {
         name: torch.randn(shapes[name], generator=generator, dtype=torch.float32) * std for name in sorted(shapes)
     }
-
-
-def secret_int(secret_seed: int | None, *labels: object) -> int:
-    """63 bits nobody can predict: from the OS when `secret_seed` is None, else SHA-256 of the seed
-    and `labels` (reproducible experiments; one independent stream per label, e.g. per round, so
-    a resumed run draws what the uninterrupted run drew and no draw repeats another)."""
-    if secret_seed is None:
-        return secrets.randbits(63)
-    text = ":".join(str(part) for part in (secret_seed, *labels))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
-
-
-def secret_generator(secret_seed: int | None, *labels: object) -> torch.Generator:
-    """A CPU generator seeded with `secret_int(secret_seed, *labels)`.
-
-    The DP guarantee assumes noise nobody can predict, so the default comes from the OS and never
-    from the run config's `seed` (which is public and reused).
-    """
-    return torch.Generator().manual_seed(secret_int(secret_seed, *labels))
 
 
 def central_noise_std(clip_norm: float, noise_multiplier: float) -> float:
