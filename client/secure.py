@@ -26,8 +26,8 @@ from client.privacy import privatize, released_metrics, reported_examples
 from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
 from fedllm.methods import Sent
-from fedllm.seeds import secret_int
 from fedllm.privacy.secure import IDENTITY_STEP, client_step
+from fedllm.seeds import secret_int
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

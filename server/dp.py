@@ -38,11 +38,8 @@ class ServerDp:
 
     def __post_init__(self) -> None:
         self.clip_norm = self.clip_norm or self.cfg.dp_clip_norm
-        self.accountant = Accountant(self.cfg.dp_accountant, self.cfg.dp_delta, self.sampling_rate())
-
-    def sampling_rate(self) -> float:
-        """q of the accountant: `fraction-train` with `dp-sampling-amplification`, else 1 (no amplification)."""
-        return self.cfg.fraction_train if self.cfg.dp_sampling_amplification else 1.0
+        sampling_rate = self.cfg.fraction_train if self.cfg.dp_sampling_amplification else 1.0  # q; 1: none
+        self.accountant = Accountant(self.cfg.dp_accountant, self.cfg.dp_delta, sampling_rate)
 
     def describe(self) -> list[str]:
         """What this DP configuration does that a user might not expect, said at start-up."""

@@ -174,7 +174,3 @@ class Accountant:
         else:
             accountant = pld_privacy_accountant.PLDAccountant()
         return float(accountant.compose(event).get_epsilon(self.delta))
-
-    def within_budget(self, noise_multiplier: float, target_epsilon: float, done: list[float]) -> bool:
-        """Whether one more release at `noise_multiplier` after the releases `done` keeps ε ≤ target_epsilon."""
-        return self.epsilon([*done, noise_multiplier]) <= target_epsilon
