@@ -17,8 +17,8 @@ from flwr.common.logger import FLOWER_LOGGER
 from client import faults
 from client.privacy import privatize, released_metrics, reported_examples
 from client.secure import secure_aggregation_mod, secure_reply
-from client.worker import MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_round, worker_for
 from fedllm.config import RunConfig
+from fedllm.core.local import MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_round, worker_for
 from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD
 from fedllm.logs import quiet_third_party
 from fedllm.wire import encode
@@ -30,7 +30,7 @@ RESIDUAL = "upload-residual"  # context.state record: error feedback of sparse u
 def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:
     quiet_third_party(FLOWER_LOGGER.handlers)
     cfg = RunConfig.from_flower(context.run_config)
-    return cfg, NodeSettings.from_context(context, cfg)
+    return cfg, NodeSettings.from_node_config(context.node_config, cfg)
 
 
 @app.query()

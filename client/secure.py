@@ -23,9 +23,8 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client import faults
 from client.privacy import privatize, released_metrics, reported_examples
-from client.worker import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
-from fedllm.methods import Sent
+from fedllm.core.local import MODEL_BUILDS, NodeSettings, local_round, worker_for
 from fedllm.privacy.secure import IDENTITY_STEP, client_step
 from fedllm.seeds import secret_int
 
@@ -47,7 +46,7 @@ def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
     faults.apply(cfg, node.partition_id, ArrayRecord(), {})  # crash / hang: a client that drops out
     received = {k: torch.from_numpy(np.array(a)) for k, a in zip(str(config["state-names"]).split("\n"), arrays)}
     result = local_round(cfg, node, worker_for(cfg), received, server_round, cfg.local_steps)
-    values = step_values(cfg, result.update, received, int(config["lora-rank"]), server_round, node.partition_id)
+    values = step_values(cfg, result.update, int(config["lora-rank"]), server_round, node.partition_id)
     values, _ = privatize(cfg, values, server_round, node.partition_id, min_survivors=int(config["min-survivors"]))
     vector, clipped = within_range([values[name].numpy() for name in names], cfg.secagg_clipping_range)
     metrics = released_metrics(cfg, {"train_loss": float(result.loss), "train-seconds": result.seconds,
@@ -59,16 +58,14 @@ def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
 
 
 def step_values(
-    cfg: RunConfig, upload: dict[str, torch.Tensor], received: dict[str, torch.Tensor], rank: int,
-    server_round: int, partition_id: int,
+    cfg: RunConfig, upload: dict[str, torch.Tensor], rank: int, server_round: int, partition_id: int,
 ) -> dict[str, torch.Tensor]:
     """The operator's client step: the additive upload itself for plain averages, else the
     model-space update trimmed/dropped by the operator on this client alone (random drops seeded
     from `secret-seed`, else the OS: the server must not be able to regenerate them)."""
     if cfg.aggregation in IDENTITY_STEP:
         return upload
-    method = worker_for(cfg).method
-    update = method.update_from_upload(upload, Sent(received, {}, 0.0, rank), additive=True)
+    update = worker_for(cfg).method.additive_update(upload, rank)
     params = cfg.aggregation_params()
     return {name: client_step(cfg.aggregation, tensor, params, secret_int(cfg.secret_seed, "drop", server_round,
                                                                           partition_id, name) % 2**31)

@@ -37,7 +37,7 @@ LARGEST_INT = 2**31 - 1  # every integer setting is below this: seeds and counts
 AUTO = "auto"
 AUTO_NORM_RATIO = 3.0  # max-update-norm = 'auto': updates are scaled down to this multiple of the round's median norm
 
-# Reference runs that show where federated training sits (server/baselines.py).
+# Reference runs that show where federated training sits (fedllm/core/server_methods).
 BASELINES = ("none", "centralized", "local-only")
 
 # What `fault-injection` can make a partition's ClientApp do to its reply (see client/faults.py).

@@ -13,16 +13,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedllm.checkpoint import RunState, load_state
 from fedllm.config import RunConfig
+from fedllm.core.aggregator import Aggregator
+from fedllm.core.server_model import ServerModel
 from fedllm.data import load_splits
 from fedllm.logs import quiet_third_party
 from fedllm.models import builtin_weights_digest
 from fedllm.outputs import earlier_run, make_private, private_folder
-from server.grid import MeteredGrid
-from server.loop import run_rounds
-from server.model import ServerModel
-from server.record import RunRecorder, output_dir_for
-from server.baselines import build_strategy
 from server.emulators import EmulatorFleet
+from server.grid import MeteredGrid
+from server.loop import Run, run_rounds
+from server.record import RunRecorder, output_dir_for
 
 app = ServerApp()
 
@@ -61,25 +61,25 @@ def main(grid: Grid, context: Context) -> None:
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
     resumed = resumed_state(cfg, out_dir)
     server = ServerModel(cfg, test)
-    strategy = build_strategy(cfg, server.method)
-    strategy.context = context
-    for note in strategy.dp.describe() if strategy.dp is not None else []:
+    aggregator = Aggregator(cfg, server.method)
+    for note in aggregator.dp.describe() if aggregator.dp is not None else []:
         log(WARNING, "%s", note)
-    if cfg.emulator_refusal() is None:  # nodes may train on emulators (the run's client-model, or their own)
-        strategy.emulators = EmulatorFleet(cfg, server)  # before any update is installed: emulators take W0
+    # nodes may train on emulators (the run's client-model, or their own); built before any update is installed
+    emulators = EmulatorFleet(cfg, server) if cfg.emulator_refusal() is None else None
     grid = MeteredGrid(grid, Path(cfg.audit_dir).expanduser() if cfg.audit_dir else None)
     recorder = RunRecorder(out_dir, cfg)
-    global_delta = run_rounds(grid, strategy, server, recorder, cfg.num_server_rounds, cfg.round_timeout, resumed)
-    final = strategy.final_update(global_delta)
+    run_rounds(Run(grid, context, aggregator, server, recorder, emulators), cfg.num_server_rounds, cfg.round_timeout,
+               resumed)
+    final = aggregator.server_method.final_update(aggregator)
     adapter_error = export(server, final, out_dir) if final is not None else None
     summary = recorder.finish(
         adapter_truncation_error=adapter_error,
         refactor_error=recorder.rounds[-1].get("refactor_error", {}),
-        nodes=sorted((asdict(info) for info in strategy.nodes.values()), key=lambda n: n["partition_id"]),
-        refused_nodes={str(node): reason for node, reason in sorted(strategy.refused.items())},
+        nodes=sorted((asdict(info) for info in aggregator.nodes.nodes.values()), key=lambda n: n["partition_id"]),
+        refused_nodes={str(node): reason for node, reason in sorted(aggregator.nodes.refused.items())},
         wall_seconds=time.perf_counter() - started,
         base_weights=builtin_weights_digest(cfg.model),
-        **({"emulators": strategy.emulators.report()} if strategy.emulators is not None else {}),
+        **({"emulators": emulators.report()} if emulators is not None else {}),
     )
     log(INFO, "done: accuracy %.3f -> %.3f over %d rounds; outputs in %s",
         summary["base_accuracy"], summary["final_accuracy"], summary["rounds"], out_dir)

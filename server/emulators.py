@@ -5,7 +5,7 @@ and the server's.
 A node's `client-model` (its node-config, else the run's, cycled over partitions) is reported in
 the start-up query. An emulator node receives every round only the state of the layers it keeps,
 under its own layer names, and its upload is renamed back before it becomes an update `τ_k` over
-those layers; the strategy then merges each module over the clients that trained it.
+those layers; the aggregator then merges each module over the clients that trained it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fedllm.emulator import (
 )
 from fedllm.methods import Sent
 from fedllm.train import encode
-from server.model import ServerModel
+from fedllm.core.server_model import ServerModel
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,35 @@ import io
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedllm.config import RunConfig
+from fedllm.core.aggregator import Aggregator
 from fedllm.outputs import append_private, claim_output_folder, write_private
+from fedllm.privacy.central import ServerDp
 from fedllm.train import mean_accuracy
+from server.grid import MeteredGrid
+
+
+@dataclass
+class RoundResult:
+    """What a round of any kind gives the loop to record (the new ΔW_g is the aggregator's)."""
+
+    clients: int  # updates that entered the merge (secure: clients in the sum)
+    timed_out: int  # sampled nodes that did not reply in time
+    train_loss: float | None = None  # weighted mean of the clients' (None: withheld under DP)
+    rejected: list[str] = field(default_factory=list)  # why each rejected reply was
+    client_processes: list = field(default_factory=list)  # (pid, model builds) of the client processes
+    train_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its client's local training time
+    aggregate_seconds: float = 0.0  # the server's merge (plain rounds; a secure round's sum is the protocol's)
+    min_survivors: int | None = None  # secure rounds: the fewest clients the sum could have completed with
+
+
+def weighted_loss(losses: dict[int, float], weights: dict[int, float]) -> float:
+    """The clients' train losses weighted as they were merged."""
+    return float(sum(losses[n] * w for n, w in weights.items()) / sum(weights.values()))
 
 
 def output_dir_for(cfg: RunConfig) -> Path:
@@ -44,6 +67,32 @@ class RunRecorder:
         self.rounds.append(row)
         append_private(self.metrics_path, json.dumps(row) + "\n")
         return row
+
+    def record_round(self, server_round: int, per_task: dict[str, float], result: RoundResult,
+                     aggregator: Aggregator, grid: MeteredGrid, extra: dict[str, Any]) -> dict[str, Any]:
+        """A trained round's row: its result, bytes per partition, the aggregator's notes, timings."""
+        partitions = {n: info.partition_id for n, info in aggregator.nodes.nodes.items()}
+        upload, download = ({partitions[n]: size for n, size in counts.items() if n in partitions}
+                            for counts in (grid.received, grid.sent))
+        round_seconds = extra.pop("round_seconds")
+        return self.record(
+            server_round, per_task, train_loss=result.train_loss, clients=result.clients, rejected=len(result.rejected),
+            rejected_reasons=result.rejected, timed_out=result.timed_out, bounded=aggregator.bounded,
+            upload_bytes=sum(upload.values()), download_bytes=sum(download.values()),
+            client_upload_bytes=upload, client_download_bytes=download,
+            refactor_error={str(r): s.relative_error for r, s in aggregator.sent.items()},
+            client_processes=result.client_processes, round_seconds=round_seconds,
+            client_train_seconds=result.train_seconds, refactor_seconds=aggregator.refactor_seconds,
+            aggregate_seconds=result.aggregate_seconds, **extra, **self.privacy_fields(aggregator.dp),
+        )
+
+    @staticmethod
+    def privacy_fields(dp: ServerDp | None) -> dict[str, float]:
+        """ε spent so far, the last round's noise multiplier and the clip norm the next round uses (DP runs only)."""
+        if dp is None:
+            return {}
+        last = {"dp_noise_multiplier": dp.releases[-1]} if dp.releases else {}
+        return {"epsilon": dp.epsilon(), **last, "dp_clip_norm": dp.clip_norm}
 
     def finish(self, **fields: Any) -> dict[str, Any]:
         first, last = self.rounds[0], self.rounds[-1]

@@ -13,37 +13,24 @@ sum, beside the masked messages (`view-RRRR.safetensors`), so attacks can be run
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+from fedllm.core.aggregator import Aggregator
 from fedllm.privacy.secure import IDENTITY_STEP, min_survivors
 from server.grid import MeteredGrid
-from server.strategy import ModelSpaceStrategy
+from server.record import RoundResult, weighted_loss
 
 QUANTIZATION_RANGE = 2**22  # Flower's default: values become integers in [0, 2^22]
-
-
-@dataclass
-class RoundResult:
-    """What a round gives the loop: the new global update and what to record."""
-
-    arrays: ArrayRecord
-    metrics: MetricRecord
-    timed_out: int
-    client_processes: list = field(default_factory=list)
-    train_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its client's local training time
-    aggregate_seconds: float = 0.0  # the server's merge (plain rounds; a secure round's sum is the protocol's)
-    min_survivors: int | None = None  # secure rounds: the fewest clients the sum could have completed with
 
 
 @dataclass(frozen=True)
@@ -79,16 +66,16 @@ class SecureMean:
 
 
 def secure_mean(
-    grid: MeteredGrid, context: Context, strategy: ModelSpaceStrategy, server_round: int,
-    fitins: dict[int, FitIns], timeout: float,
+    grid: MeteredGrid, context: Context, aggregator: Aggregator, server_round: int, fitins: dict[int, FitIns],
+    timeout: float,
 ) -> SecureMean:
     """One SecAgg+ exchange: each node gets its FitIns and answers with a masked vector."""
-    cfg = strategy.cfg
+    cfg = aggregator.cfg
     exchange = _OneExchange(fitins)
     legacy = LegacyContext(context, ServerConfig(num_rounds=server_round), exchange)  # type: ignore[arg-type]
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # unused: every node's FitIns has its state
-    max_weight = max(strategy.nodes[n].num_examples for n in fitins)
+    max_weight = max(aggregator.nodes.nodes[n].num_examples for n in fitins)
     SecAggPlusWorkflow(
         num_shares=cfg.secagg_num_shares, reconstruction_threshold=cfg.secagg_reconstruction_threshold,
         max_weight=float(max_weight), clipping_range=cfg.secagg_clipping_range,
@@ -106,53 +93,39 @@ def secure_mean(
     )
 
 
-def fitins_for(arrays: list[np.ndarray], config: dict) -> FitIns:
-    return FitIns(ndarrays_to_parameters(arrays), config)
-
-
 def secure_round(
-    grid: MeteredGrid, strategy: ModelSpaceStrategy, server_round: int, rounds: int, arrays: ArrayRecord,
-    timeout: float,
+    grid: MeteredGrid, context: Context, aggregator: Aggregator, server_round: int, rounds: int, timeout: float,
 ) -> RoundResult:
     """Train and merge under SecAgg+: `ΔW_g + server_step(scale · Σ p_k v_k)` from one secure sum."""
-    cfg, method = strategy.cfg, strategy.method
-    global_delta = strategy.current = arrays.to_torch_state_dict()
-    nodes = strategy.sample(server_round)
-    started = time.perf_counter()
-    sent = strategy.sent_states(server_round, global_delta, {strategy.nodes[n].rank for n in nodes})
-    strategy.refactor_seconds = time.perf_counter() - started
-    if len(sent) > 1:
-        raise RuntimeError(f"round {server_round}: nodes of ranks {sorted(sent)} were sampled; secure aggregation "
-                           "sums the same tensors from every client, so all nodes need the same lora-rank")
-    strategy.sent = sent
-    rank, state = next(iter(sent.items()))
+    cfg, method = aggregator.cfg, aggregator.method
+    nodes = aggregator.sample(server_round)
+    aggregator.begin(server_round, nodes)
+    if len(aggregator.sent) > 1:
+        raise RuntimeError(f"round {server_round}: nodes of ranks {sorted(aggregator.sent)} were sampled; secure "
+                           "aggregation sums the same tensors from every client, so all nodes need the same lora-rank")
+    rank, sent = next(iter(aggregator.sent.items()))
     identity = cfg.aggregation in IDENTITY_STEP
-    names = list(method.upload_shapes(state, additive=True) if identity else global_delta)
+    names = list(method.upload_shapes(sent, additive=True) if identity else aggregator.global_delta)
     fewest = min_survivors(len(nodes), cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
-    config = {"server-round": server_round, "state-names": "\n".join(state.state),
+    config = {**aggregator.train_config(server_round), "state-names": "\n".join(sent.state),
               "upload-names": "\n".join(names), "lora-rank": rank, "min-survivors": fewest}
-    result = secure_mean(grid, strategy.context, strategy, server_round,
-                         {n: fitins_for([t.numpy() for t in state.state.values()], config) for n in nodes}, timeout)
+    state = [t.numpy() for t in sent.state.values()]
+    result = secure_mean(grid, context, aggregator, server_round, {n: fitins_for(state, config) for n in nodes}, timeout)
     survivors = len(result.examples)
     log(INFO, "round %d/%d: secure sum of %d of %d client(s)", server_round, rounds, survivors, len(nodes))
     mean = {name: torch.from_numpy(np.asarray(a, dtype=np.float32)) for name, a in zip(names, result.arrays)}
     grid.audit_view(f"view-{server_round:04d}", mean)
-    scale = float(strategy.operator_params.get("scale", 1.0))
-    if identity:
-        mean = method.update_from_upload(mean, state, additive=True)
-    step, strategy.optimizer_state = strategy.optimizer.step({k: scale * v for k, v in mean.items()},
-                                                             strategy.optimizer_state)
-    new_global = {module: delta + step[module] for module, delta in global_delta.items()}
+    aggregator.complete_sum(server_round, mean, sent, upload_coordinates=identity)
     clipped = sum(int(m.get("secure-clipped", 0)) for m in result.metrics.values())
     if clipped:
         log(INFO, "round %d: %d value(s) exceeded secagg-clipping-range %g and were clipped", server_round, clipped,
             cfg.secagg_clipping_range)
-    strategy.rejected = []
-    metrics = MetricRecord({"clients": survivors, "rejected": 0, "secure-clipped": clipped})
-    if cfg.dp == "none":  # under DP clients withhold their loss: it is not covered by ε
-        weights = result.examples
-        metrics["train_loss"] = sum(result.metrics[n]["train_loss"] * w for n, w in weights.items()) / sum(weights.values())
-    train_seconds = {strategy.nodes[n].partition_id: float(m["train-seconds"])  # withheld under DP
-                     for n, m in result.metrics.items() if "train-seconds" in m}
-    return RoundResult(ArrayRecord(new_global), metrics, len(nodes) - survivors, train_seconds=train_seconds,
-                       min_survivors=fewest)
+    losses = {n: float(m["train_loss"]) for n, m in result.metrics.items() if "train_loss" in m}  # withheld under DP
+    loss = weighted_loss(losses, {n: float(w) for n, w in result.examples.items()}) if cfg.dp == "none" else None
+    partitions = {n: info.partition_id for n, info in aggregator.nodes.nodes.items()}
+    train_seconds = {partitions[n]: float(m["train-seconds"]) for n, m in result.metrics.items() if "train-seconds" in m}
+    return RoundResult(survivors, len(nodes) - survivors, loss, train_seconds=train_seconds, min_survivors=fewest)
+
+
+def fitins_for(arrays: list[np.ndarray], config: dict) -> FitIns:
+    return FitIns(ndarrays_to_parameters(arrays), config)

@@ -1,7 +1,7 @@
 """Checks every client reply must pass before it enters the aggregate.
 
-Each check raises `ReplyRejected` naming the node and the problem; the strategy drops that reply,
-logs the reason and counts it in the round's metrics.
+Each check raises `ReplyRejected` (or `NodeRefused` for a start-up answer) naming the node and the
+problem; the round leaves that reply out, logs the reason and counts it in the round's metrics.
 """
 
 from __future__ import annotations
@@ -14,35 +14,11 @@ import torch
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedllm.adapters import Delta
-from fedllm.robust import update_norm
+from fedllm.core.nodes import NodeInfo, NodeRefused, ReplyRejected
 from fedllm.wire import UploadCodec, decode, wire_entries, wire_names
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    """What a node told the server about itself in the start-up query."""
-
-    partition_id: int
-    rank: int
-    num_examples: int
-    client_model: str = "full"  # 'full' or 'emulator:<keep>' (fedllm.emulator.ClientModel)
-
-
-class ReplyRejected(ValueError):
-    """A client reply that must not enter the aggregate."""
-
-
 LARGEST_PARTITION = 2**31 - 1
-
-
-class NodeRefused(ValueError):
-    """A node whose start-up answer keeps it out of the run."""
-
-
-class PartitionHeld(NodeRefused):
-    """A node claiming a partition an online node holds: asked again next round (the holder may
-    have gone, as when an institution restarts its node)."""
 
 
 @dataclass(frozen=True)
@@ -125,12 +101,11 @@ def check_train_loss(node: int, metrics: MetricRecord | ConfigRecord) -> None:
         raise ReplyRejected(f"node {node}: train_loss is {_shown(loss)}, expected a finite real number")
 
 
-def check_rank(node: int, metrics: MetricRecord | ConfigRecord, sent: list[int]) -> int:
+def check_rank(node: int, metrics: MetricRecord | ConfigRecord) -> int:
+    """The rank the reply reports (whether it was sent this round is the aggregator's to say)."""
     rank = metrics.get("lora-rank")
     if not _is_int(rank) or rank <= 0:
         raise ReplyRejected(f"node {node}: lora-rank is {_shown(rank)}, expected a positive int")
-    if rank not in sent:
-        raise ReplyRejected(f"node {node} replied with rank {rank}, but was sent rank(s) {sent}")
     return rank
 
 
@@ -194,12 +169,3 @@ def check_examples(node: int, metrics: MetricRecord | ConfigRecord, info: NodeIn
         raise ReplyRejected(f"node {node} reported an absurd {examples} training examples, "
                             f"more than the {info.num_examples} it reported at start-up")
     return examples
-
-
-def check_norm(node: int, tau: Delta, limit: float | None) -> None:
-    """‖τ_k‖ (L2 over all modules, model space) finite and, with a numeric `max-update-norm`, within it."""
-    norm = update_norm(tau)
-    if not math.isfinite(norm):
-        raise ReplyRejected(f"node {node}: its model-space update norm is not finite (overflow in s·B·A)")
-    if limit is not None and norm > limit:
-        raise ReplyRejected(f"node {node}: model-space update norm {norm:.4g} exceeds max-update-norm {limit:g}")

@@ -73,7 +73,7 @@ def measure_client(model: str, digest: str, steps: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from client.worker import emulator_cache
+    from fedllm.core.local import emulator_cache
     from fedllm.data import builtin_suite
     from fedllm.emulator import instantiate, load_cached
     from fedllm.models import load_model, load_tokenizer

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.privacy import update_noise_multiplier  # noqa: E402
 from fedllm.privacy.secure import client_step, min_survivors  # noqa: E402
-from server.dp import ServerDp  # noqa: E402
+from fedllm.privacy.central import ServerDp  # noqa: E402
 
 EXAMPLES = [40, 55, 63, 71, 80]  # example counts the server knows from the start-up answers
 

@@ -30,9 +30,9 @@ from fedllm.privacy import (
     update_noise_multiplier,
     update_norm,
 )
+from fedllm.privacy.central import ServerDp
 from fedllm.privacy.secure import min_survivors
 from fedllm.seeds import secret_generator
-from server.dp import ServerDp
 
 SHAPES = {"a": torch.Size([400, 250]), "b": torch.Size([100_000])}  # 200k entries
 

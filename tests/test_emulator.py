@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from client.worker import NodeSettings, Worker, local_round
 from fedllm.config import ConfigError, RunConfig
+from fedllm.core.aggregator import Aggregator, Contribution
+from fedllm.core.local import NodeSettings, Worker, local_round
 from fedllm.distill import distill_middle_layers, gap_loss, spans
 from fedllm.emulator import (
     ClientModel, EmulatorError, build_emulator, decoder_layers, instantiate, load_cached, save_cached, uniform_layers,
@@ -20,8 +21,8 @@ from fedllm.emulator import (
 )
 from fedllm.methods import build_method
 from fedllm.models import load_model, load_tokenizer
+from fedllm.seeds import refactor_seed
 from server.emulators import restrict
-from server.strategy import ModelSpaceStrategy
 
 
 def llama(layers: int = 5) -> LlamaForCausalLM:
@@ -116,7 +117,7 @@ def test_an_emulator_keeping_every_layer_trains_exactly_as_the_full_model(method
     base, tokenizer = load_model(cfg.model)
     server_method = build_method(cfg, base)
     server_method.evaluation_model(base)
-    sent = ModelSpaceStrategy(cfg, server_method).sent_states(1, server_method.zero_update(), [8])[8]
+    sent = server_method.sent_state(server_method.zero_update(), 8, refactor_seed(cfg.seed, 1))
     emulator = build_emulator(base, base.state_dict(), tuple(range(4)))
     node = NodeSettings(partition_id=0, num_partitions=2, rank=8, data_path="")
     full = Worker(cfg, "full", copy.deepcopy(base), tokenizer)
@@ -134,7 +135,7 @@ def test_an_emulator_update_lands_on_the_full_models_layers_and_ffa_lora_shares_
     base, tokenizer = load_model(cfg.model)
     server_method = build_method(cfg, base)
     server_method.evaluation_model(base)
-    sent = ModelSpaceStrategy(cfg, server_method).sent_states(1, server_method.zero_update(), [8])[8]
+    sent = server_method.sent_state(server_method.zero_update(), 8, refactor_seed(cfg.seed, 1))
     emulator = build_emulator(base, base.state_dict(), (0, 3))
     worker = Worker(cfg, "emulator", instantiate(emulator), load_tokenizer(cfg.model), emulator.layer_map)
     assert torch.equal(worker.method.frozen_a("model.layers.1.self_attn.q_proj", 8),
@@ -151,12 +152,12 @@ def test_an_emulator_update_lands_on_the_full_models_layers_and_ffa_lora_shares_
 
 def test_a_layer_is_merged_over_the_clients_that_trained_it_with_their_weights_renormalized():
     cfg = RunConfig.from_flower({"aggregation": "weighted_average"})
-    strategy = ModelSpaceStrategy(cfg, build_method(cfg, llama(3)))
-    strategy.current = {"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.zeros(2)}
+    aggregator = Aggregator(cfg, build_method(cfg, llama(3)))
+    aggregator.restore({"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.zeros(2)}, {})
     updates = [{"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([4.0, 0.0])},
                {"a": torch.tensor([3.0, 6.0])},
                {"a": torch.tensor([5.0, 0.0]), "b": torch.tensor([1.0, 1.0])}]
-    merged = strategy.merge(1, updates, [1.0, 2.0, 3.0])
+    merged = aggregator.merge(1, [Contribution(n, u, w) for n, (u, w) in enumerate(zip(updates, [1.0, 2.0, 3.0]))])
     torch.testing.assert_close(merged["a"], torch.tensor([1 + 6 + 15, 2 + 12 + 0]) / 6.0)
     torch.testing.assert_close(merged["b"], torch.tensor([4.0 + 3.0, 3.0]) / 4.0)  # weights 1 and 3 only
     assert torch.equal(merged["c"], torch.zeros(2))  # nobody trained it: no change
@@ -225,7 +226,7 @@ def test_ends_adapters_train_and_send_only_the_exact_first_and_last_layers(metho
     base, _ = load_model(cfg.model)
     server_method = build_method(cfg, base)
     server_method.evaluation_model(base)
-    sent = ModelSpaceStrategy(cfg, server_method).sent_states(1, server_method.zero_update(), [8])[8]
+    sent = server_method.sent_state(server_method.zero_update(), 8, refactor_seed(cfg.seed, 1))
     emulator = build_emulator(base, base.state_dict(), (0, 2, 3))
     layer_map = emulator.layer_map.with_adapters("ends")
     worker = Worker(cfg, "emulator", instantiate(emulator), load_tokenizer(cfg.model), layer_map)

@@ -17,8 +17,8 @@ from fedllm.config import RunConfig
 from fedllm.emulator import LayerMap
 from fedllm.methods import build_method
 from fedllm.models import load_model
+from fedllm.seeds import refactor_seed
 from server.emulators import restrict
-from server.strategy import ModelSpaceStrategy
 from tests.conftest import simulate
 
 SMALL = "model='builtin:micro-4l' local-steps=3 train-per-task=20 test-per-task=4"
@@ -85,7 +85,7 @@ def test_mixed_emulator_sizes_merge_each_layer_over_the_clients_that_trained_it(
     # replay the server's side: each client's τ_k from what it uploaded, under the full model's names
     base, _ = load_model(cfg.model)
     method = build_method(cfg, base)
-    sent = ModelSpaceStrategy(cfg, method).sent_states(1, method.zero_update(), [cfg.lora_rank])[cfg.lora_rank]
+    sent = method.sent_state(method.zero_update(), cfg.lora_rank, refactor_seed(cfg.seed, 1))
     updates, weights = {}, {}
     for reply in audited_uploads(audit):
         partition = int(reply["metrics"]["partition-id"])

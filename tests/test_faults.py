@@ -24,9 +24,10 @@ from fedllm.adapters import factor_key
 from fedllm.config import FAULT_KINDS, ConfigError, RunConfig
 from fedllm.launch import RunFailed
 from fedllm.methods.lora import Layer, Lora
-from server.loop import check_global_update
-from server.strategy import ModelSpaceStrategy
-from server.validation import NodeInfo, NodeRefused, ReplyRejected
+from fedllm.core.aggregator import Aggregator
+from fedllm.core.nodes import NodeInfo, NodeRefused, ReplyRejected
+from server.nodes import admit, node_bounds
+from server.plain import Transport
 from tests.conftest import simulate
 from tests.deploy_support import read_metrics
 
@@ -86,13 +87,21 @@ def good_records() -> tuple[ArrayRecord, MetricRecord]:
     return arrays, metrics
 
 
-def strategy(**overrides) -> ModelSpaceStrategy:
+def transport(nodes: dict[int, NodeInfo] | None = None, **overrides) -> Transport:
+    """The plain round's reply handling over an aggregator that sent `nodes` (default: NODE) their
+    rank-RANK state in round 1."""
     cfg = RunConfig.from_flower({"lora-alpha": ALPHA, "max-update-norm": 100.0, **overrides})
-    method = Lora(cfg, {MODULE: Layer(torch.Size([4, 6]), transposed=False)})
-    s = ModelSpaceStrategy(cfg, method)
-    s.sent = {RANK: method.sent_state({MODULE: torch.zeros(4, 6)}, RANK, seed=0)}
-    s.nodes = {NODE: NodeInfo(partition_id=0, rank=RANK, num_examples=40)}
-    return s
+    aggregator = Aggregator(cfg, Lora(cfg, {MODULE: Layer(torch.Size([4, 6]), transposed=False)}))
+    for node, info in (nodes or {NODE: NodeInfo(partition_id=0, rank=RANK, num_examples=40)}).items():
+        aggregator.nodes.admit(node, info)
+    aggregator.start()
+    aggregator.begin(1, sorted(aggregator.nodes.online))
+    return Transport(aggregator)
+
+
+def client_update(transport: Transport, reply) -> tuple[torch.Tensor, float]:
+    contribution, _ = transport.contribution(reply)
+    return contribution.update, contribution.weight
 
 
 def reply(content: RecordDict | None = None, error: str | None = None, node: int = NODE) -> SimpleNamespace:
@@ -107,11 +116,12 @@ def faulty(kind: str) -> RecordDict:
 
 def test_a_good_reply_gives_its_model_space_update():
     arrays, metrics = good_records()
-    s = strategy()
-    tau, examples = s.client_update(reply(RecordDict({"arrays": arrays, "metrics": metrics})))
-    change, sent = arrays.to_torch_state_dict(), s.sent[RANK].state
-    a, b = (sent[factor_key(MODULE, f)] + change[factor_key(MODULE, f)] for f in "AB")
-    assert examples == 40.0 and torch.allclose(tau[MODULE], (ALPHA / RANK) * b @ a - s.sent[RANK].reference[MODULE])
+    s = transport()
+    tau, examples = client_update(s, reply(RecordDict({"arrays": arrays, "metrics": metrics})))
+    sent = s.aggregator.sent[RANK]
+    change = arrays.to_torch_state_dict()
+    a, b = (sent.state[factor_key(MODULE, f)] + change[factor_key(MODULE, f)] for f in "AB")
+    assert examples == 40.0 and torch.allclose(tau[MODULE], (ALPHA / RANK) * b @ a - sent.reference[MODULE])
 
 
 @pytest.mark.parametrize("kind, reason", [
@@ -127,7 +137,7 @@ def test_a_good_reply_gives_its_model_space_update():
 ])
 def test_each_injected_fault_is_rejected_with_its_reason(kind, reason):
     with pytest.raises(ReplyRejected, match=reason):
-        strategy().client_update(reply(faulty(kind)))
+        client_update(transport(), reply(faulty(kind)))
 
 
 def test_crash_raises_and_hang_sleeps():
@@ -179,17 +189,17 @@ def edited(metrics: dict | None = None, arrays: dict | None = None, drop: str | 
 ])
 def test_other_bad_replies_are_rejected_with_their_reason(content, reason):
     with pytest.raises(ReplyRejected, match=reason):
-        strategy().client_update(reply(content))
+        client_update(transport(), reply(content))
 
 
 def test_error_replies_and_unknown_nodes():
     with pytest.raises(ReplyRejected, match=rf"node {NODE} failed: boom"):
-        strategy().client_update(reply(error="boom"))
+        client_update(transport(), reply(error="boom"))
     # a node missing from the start-up table has nothing its claims could be checked against
     with pytest.raises(ReplyRejected, match=r"node 99 never answered the start-up query"):
-        strategy().client_update(reply(edited({"num-examples": 10}), node=99))
+        client_update(transport(), reply(edited({"num-examples": 10}), node=99))
     # without max-update-norm the norm is not bounded (only required to be finite)
-    assert strategy(**{"max-update-norm": ""}).client_update(reply(faulty("norm")))[1] == 40.0
+    assert client_update(transport(**{"max-update-norm": ""}), reply(faulty("norm")))[1] == 40.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,20 +227,21 @@ def answer(drop: str | None = None, **fields) -> RecordDict:
      r"client-model is str 'xxx"),
 ])
 def test_a_bad_start_up_answer_leaves_the_node_out_with_the_reason(content, reason):
-    s = strategy()
+    aggregator = transport().aggregator
     with pytest.raises(NodeRefused, match=reason):
-        s.admit(5, content)
-    assert 5 not in s.nodes and 5 not in s.online
+        admit(aggregator, None, 5, content)
+    assert 5 not in aggregator.nodes.nodes and 5 not in aggregator.nodes.online
 
 
 def test_a_partition_held_by_an_online_node_is_refused_and_free_again_once_it_is_offline():
-    s = strategy()
-    s.nodes, s.online = {}, set()
-    assert s.admit(5, answer(partition_id=3)).partition_id == 3 and s.online == {5}
+    aggregator = transport().aggregator
+    registry = aggregator.nodes
+    registry.connected(set())
+    assert admit(aggregator, None, 5, answer(partition_id=3)).partition_id == 3 and registry.online == {5}
     with pytest.raises(NodeRefused, match=r"node 6: partition-id 3 is already held by online node 5"):
-        s.admit(6, answer(partition_id=3))
-    s.online = set()  # node 5 went away: a restarted node may take its partition
-    assert s.admit(7, answer(partition_id=3)).partition_id == 3
+        admit(aggregator, None, 6, answer(partition_id=3))
+    assert registry.connected({6, 7}) == [6, 7]  # node 5 went away: a restarted node may take its partition
+    assert admit(aggregator, None, 7, answer(partition_id=3)).partition_id == 3
 
 
 def test_an_array_declaring_more_than_was_sent_is_refused_before_it_is_decoded():
@@ -240,21 +251,23 @@ def test_an_array_declaring_more_than_was_sent_is_refused_before_it_is_decoded()
                                                  factor_key(MODULE, "B"): Array(huge)}), "metrics": metrics})
     with pytest.raises(ReplyRejected, match=r"lora_B.weight declares shape \(2048, 2048\) and \d+ bytes, more than "
                                             r"the 8 entries it can hold; not decoded"):
-        strategy().client_update(reply(records))
+        client_update(transport(), reply(records))
 
 
 def test_a_non_finite_or_absurd_global_update_fails_the_round_before_it_is_saved():
-    check_global_update({MODULE: torch.full((4, 6), 0.5)}, 3)
+    aggregator = transport().aggregator
+    aggregator.commit(3, {MODULE: torch.full((4, 6), 0.5)}, {})
     for bad in (math.nan, math.inf, 2e4):
         with pytest.raises(RuntimeError, match=r"round 3: the merged global update of layer has an entry of .* "
                                                r"nothing is checkpointed"):
-            check_global_update({MODULE: torch.full((4, 6), bad)}, 3)
+            aggregator.commit(3, {MODULE: torch.full((4, 6), bad)}, {"u": {}})
+        assert aggregator.global_delta[MODULE].eq(0.5).all() and aggregator.optimizer_state == {}
 
 
 def test_the_rank_bound_is_the_smaller_of_max_client_rank_and_the_layers():
-    assert strategy().node_bounds.max_rank == 4  # min(d_in, d_out) of the 4 x 6 layer
-    assert strategy(**{"max-client-rank": 3}).node_bounds.max_rank == 3
-    assert strategy(**{"max-client-examples": 50}).node_bounds.max_examples == 50
+    assert node_bounds(transport().aggregator).max_rank == 4  # min(d_in, d_out) of the 4 x 6 layer
+    assert node_bounds(transport(**{"max-client-rank": 3}).aggregator).max_rank == 3
+    assert node_bounds(transport(**{"max-client-examples": 50}).aggregator).max_examples == 50
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,9 +327,6 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive():
     """Replies arrive in timing-dependent order; the merged update must be bitwise the same."""
     import itertools
 
-    base = strategy()
-    base.current = {MODULE: torch.zeros(4, 6)}
-    base.nodes = {node: NodeInfo(partition_id=node - 20, rank=RANK, num_examples=40) for node in (20, 21, 22, 23)}
     replies = []
     for node in (20, 21, 22, 23):
         generator = torch.Generator().manual_seed(node)
@@ -326,6 +336,11 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive():
         })
         metrics = MetricRecord({"num-examples": 10 + node, "train_loss": 0.5, "lora-rank": RANK})
         replies.append(reply(RecordDict({"arrays": arrays, "metrics": metrics}), node=node))
-    results = [base.aggregate_train(1, list(order))[0].to_torch_state_dict()[MODULE]
-               for order in itertools.permutations(replies)]
+    results = []
+    for order in itertools.permutations(replies):
+        merging = transport({node: NodeInfo(partition_id=node - 20, rank=RANK, num_examples=40) for node in (20, 21, 22, 23)})
+        contributions, _, rejected = merging.accepted(1, list(order))
+        merging.aggregator.complete(1, contributions)
+        assert not rejected
+        results.append(merging.aggregator.global_delta[MODULE])
     assert all(torch.equal(results[0], other) for other in results[1:])

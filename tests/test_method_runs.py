@@ -12,13 +12,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from client.worker import NodeSettings, local_round, worker_for
 from fedllm.config import RunConfig
+from fedllm.core.local import NodeSettings, local_round, worker_for
 from fedllm.data import load_splits
 from fedllm.methods import build_method
 from fedllm.models import load_model
+from fedllm.seeds import refactor_seed
 from fedllm.train import evaluate
-from server.strategy import ModelSpaceStrategy
 from tests.conftest import simulate
 from tests.reply_size import serialized_reply_size
 
@@ -45,7 +45,7 @@ def replay_client(cfg: RunConfig):
     base, _ = load_model(cfg.model)
     method = build_method(cfg, base)
     method.evaluation_model(base)
-    sent = ModelSpaceStrategy(cfg, method).sent_states(1, method.zero_update(), [cfg.lora_rank])[cfg.lora_rank]
+    sent = method.sent_state(method.zero_update(), cfg.lora_rank, refactor_seed(cfg.seed, 1))
     node = NodeSettings(partition_id=0, num_partitions=1, rank=cfg.lora_rank, data_path="")
     update = local_round(cfg, node, worker_for(cfg), sent.state, server_round=1, steps=cfg.local_steps).update
     return worker_for(cfg).peft_model, method, sent, update

@@ -11,9 +11,9 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fedllm.config import ConfigError, RunConfig
-from fedllm.merge import get_operator
+from fedllm.core.aggregator import Aggregator, Contribution
+from fedllm.core.local import train_round
 from fedllm.methods import METHODS, FfaLora, build_method
-from fedllm.train import train_steps
 from tests.tiny_models import tiny_gpt2, tiny_llama
 
 SETTINGS = {
@@ -28,8 +28,10 @@ SETTINGS = {
 RANK = 4
 
 
-def config(name: str, **extra) -> RunConfig:
-    return RunConfig.from_flower({"lora-rank": RANK, "lora-alpha": 8.0, **SETTINGS[name], **extra})
+def config(name: str, additive: bool = False, **extra) -> RunConfig:
+    """A method's config; `additive`: uploads in additive coordinates (those sparse uploads use)."""
+    coordinates = {"upload-sparsity": 0.5} if additive else {}
+    return RunConfig.from_flower({"lora-rank": RANK, "lora-alpha": 8.0, **SETTINGS[name], **coordinates, **extra})
 
 
 def token_data(seed: int, count: int = 12) -> list[tuple[list[int], list[int]]]:
@@ -42,34 +44,35 @@ def token_data(seed: int, count: int = 12) -> list[tuple[list[int], list[int]]]:
 
 
 class Client:
-    """A client as the ClientApp runs it: its own model copy, the method's adapter, real training."""
+    """A client: its own model copy with the method's adapter, trained by the core's `train_round`."""
 
     def __init__(self, cfg: RunConfig, base: torch.nn.Module, rank: int = RANK) -> None:
         self.method = build_method(cfg, base)
         self.name = self.method.adapter_name(rank)
         self.model = get_peft_model(copy.deepcopy(base), self.method.peft_config(rank), adapter_name=self.name)
 
-    def round(self, received: dict[str, torch.Tensor], seed: int, additive: bool = False) -> dict[str, torch.Tensor]:
-        self.method.install(self.model, self.name, received)
-        torch.manual_seed(seed)
-        train_steps(self.model, token_data(seed), steps=3, batch_size=4, learning_rate=self.method.cfg.client_learning_rate(),
-                    seed=seed, pad_id=0)
-        return self.method.upload(self.method.trained(self.model, self.name), received, additive)
+    def round(self, received: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        return train_round(self.method.cfg, self.method, self.model, self.name, received, token_data(seed), steps=3,
+                           seed=seed, pad_id=0)[0]
 
 
 class Server:
-    """The server's side of a round: state to send, updates from uploads, merge, server model."""
+    """The core's aggregator and the method's server model (what the ServerApp holds, minus Flower)."""
 
     def __init__(self, cfg: RunConfig, base: torch.nn.Module) -> None:
         self.method = build_method(cfg, base)
-        self.model = self.method.evaluation_model(copy.deepcopy(base))
-        self.update = self.method.zero_update()
+        self.model = self.method.evaluation_model(copy.deepcopy(base))  # first, as the ServerApp: it draws P0
+        self.aggregator = Aggregator(cfg, self.method)
+        self.aggregator.start()
 
-    def merge(self, uploads, sents, additive: bool = False, operator: str = "weighted_average", **params) -> None:
-        taus = [self.method.update_from_upload(u, s, additive) for u, s in zip(uploads, sents)]
-        merge = get_operator(operator)
-        weights = torch.ones(len(taus))
-        self.update = {k: v + merge(torch.stack([t[k] for t in taus]), weights, **params) for k, v in self.update.items()}
+    @property
+    def update(self) -> dict[str, torch.Tensor]:
+        return self.aggregator.global_delta
+
+    def merge(self, uploads, sents) -> None:
+        """One round's uploads (weight 1 each) absorbed, merged and stepped into ΔW_g."""
+        contributions = [Contribution(k, self.aggregator.absorb(k, u, s), 1.0) for k, (u, s) in enumerate(zip(uploads, sents))]
+        self.aggregator.complete(1, contributions)
         self.method.install_global(self.model, self.update)
 
 
@@ -82,10 +85,10 @@ def logits(model: torch.nn.Module, seed: int = 9) -> torch.Tensor:
 @pytest.mark.parametrize("additive", [False, True], ids=["plain", "additive"])
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_one_client_round_makes_the_server_model_that_client_model(name, additive):
-    cfg, base = config(name), tiny_llama()
+    cfg, base = config(name, additive), tiny_llama()
     server, client = Server(cfg, base), Client(cfg, base)
     sent = server.method.sent_state(server.update, RANK, seed=1)
-    server.merge([client.round(sent.state, seed=3, additive=additive)], [sent], additive)
+    server.merge([client.round(sent.state, seed=3)], [sent])
     assert not torch.allclose(logits(server.model), logits(base), atol=1e-4), "training must change the model"
     assert torch.allclose(logits(server.model), logits(client.model), atol=2e-5)
 
@@ -129,7 +132,7 @@ def test_rslora_scaling_is_peft_s():
 
 
 def test_ffa_lora_uploads_only_b_and_is_exact_under_a_linear_operator():
-    cfg, base = config("ffa-lora"), tiny_llama()
+    cfg, base = config("ffa-lora", aggregation="task_arithmetic", **{"aggregation-scale": 0.7}), tiny_llama()
     server = Server(cfg, base)
     clients = [Client(cfg, base) for _ in range(3)]
     sent = server.method.sent_state(server.update, RANK, seed=0)
@@ -142,10 +145,11 @@ def test_ffa_lora_uploads_only_b_and_is_exact_under_a_linear_operator():
     assert b_entries == RANK * sum(layer.out_features for layer in layers)
     assert lora_entries == RANK * sum(layer.out_features + layer.in_features for layer in layers)
 
-    server.merge(uploads, [sent] * 3, operator="task_arithmetic", scale=0.7)
+    server.merge(uploads, [sent] * 3)
     assert server.method.sent_state(server.update, RANK, seed=1).relative_error < 1e-5
-    server.merge(uploads, [sent] * 3, operator="ties", density=0.3)  # trimming leaves the row space of A
-    assert server.method.sent_state(server.update, RANK, seed=2).relative_error > 1e-3
+    trimming = Server(config("ffa-lora", aggregation="ties", **{"aggregation-density": 0.3}), base)
+    trimming.merge(uploads, [sent] * 3)  # trimming leaves the row space of A
+    assert trimming.method.sent_state(trimming.update, RANK, seed=2).relative_error > 1e-3
 
 
 def test_ffa_lora_ranks_share_a_nested_frozen_a():

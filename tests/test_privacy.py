@@ -27,13 +27,14 @@ from transformers import AutoModelForCausalLM
 from client.privacy import privatize
 from fedllm.checkpoint import saved_rounds
 from fedllm.config import ConfigError, RunConfig
+from fedllm.core.aggregator import Aggregator
+from fedllm.core.nodes import NodeInfo
 from fedllm.launch import RunFailed
 from fedllm.merge import get_operator
 from fedllm.methods import build_method
-from fedllm.seeds import secret_int
+from fedllm.privacy.central import ServerDp
 from fedllm.privacy.secure import client_step
-from server.dp import ServerDp
-from server.strategy import ModelSpaceStrategy
+from fedllm.seeds import secret_int
 from server.secure import QUANTIZATION_RANGE
 from tests.conftest import simulate
 from tests.tiny_models import tiny_llama
@@ -145,13 +146,13 @@ def test_a_round_whose_poisson_sample_is_empty_releases_noise_alone_and_goes_on(
     """Skipping it would tell a reader the sample was empty, which depends on who was in the data."""
     cfg = RunConfig.from_flower({"dp": "central", "dp-noise-multiplier": 1.0, "fraction-train": 0.5,
                                  "dp-sampling-amplification": True, "secret-seed": 5})
-    strategy = ModelSpaceStrategy(cfg, build_method(cfg, tiny_llama()))
-    strategy.current = strategy.initial_update()
-    strategy.online = {1, 2, 3, 4}
-    arrays, metrics = strategy.aggregate_train(1, [])
-    new_global = arrays.to_torch_state_dict()
-    assert metrics["clients"] == 0 and "train_loss" not in metrics
-    noise = torch.cat([t.flatten() for t in new_global.values()])
+    aggregator = Aggregator(cfg, build_method(cfg, tiny_llama()))
+    for node in range(4):
+        aggregator.nodes.admit(node, NodeInfo(partition_id=node, rank=8, num_examples=10))
+    aggregator.start()
+    aggregator.begin(1, [])
+    aggregator.complete(1, [])
+    noise = torch.cat([t.flatten() for t in aggregator.global_delta.values()])
     assert float(noise.std()) == pytest.approx(1.0 * cfg.dp_clip_norm / (0.5 * 4), rel=0.05)
 
 

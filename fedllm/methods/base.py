@@ -1,6 +1,6 @@
 """What a PEFT method is to fedllm: a map between a peft adapter and the model-space update.
 
-The strategy, the client and the server model only call these hooks, so a new method is a new
+The aggregator, the client and the server model only call these hooks, so a new method is a new
 subclass and nothing else changes. The contract (see DESIGN.md, "The update space"):
 
 - the **update** is a dict of float32 tensors by name, linear where the model is (LoRA: `ΔW = s·B·A`
@@ -98,6 +98,11 @@ class PeftMethod(ABC):
     @abstractmethod
     def update_from_upload(self, upload: Tensors, sent: Sent, additive: bool) -> Tensors:
         """The client's update `τ_k` from what it uploaded."""
+
+    def additive_update(self, upload: Tensors, rank: int) -> Tensors:
+        """`τ_k` from an upload in additive coordinates: a linear map that needs only the rank, so a
+        client can take it itself (secure aggregation's client step) and a sum maps through it."""
+        return upload
 
     @abstractmethod
     def evaluation_model(self, base: torch.nn.Module) -> torch.nn.Module:

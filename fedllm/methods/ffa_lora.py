@@ -70,10 +70,13 @@ class FfaLora(Lora):
         return PeftMethod.upload_shapes(self, sent, additive)  # ΔB, plain or additive alike
 
     def update_from_upload(self, upload: Tensors, sent: Sent, additive: bool) -> Tensors:
+        return self.additive_update(upload, sent.rank)  # ΔB is additive either way
+
+    def additive_update(self, upload: Tensors, rank: int) -> Tensors:
         """`τ_k = s·ΔB_k·A` per module."""
-        scaling = self.scaling(sent.rank)
+        scaling = self.scaling(rank)
         return {
-            m: self.in_layout(m, scaling * upload[factor_key(m, "B")] @ self.frozen_a(m, sent.rank))
+            m: self.in_layout(m, scaling * upload[factor_key(m, "B")] @ self.frozen_a(m, rank))
             for m in self.layers if factor_key(m, "B") in upload  # an emulator client uploads its layers only
         }
 

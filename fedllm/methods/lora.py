@@ -152,7 +152,7 @@ class Lora(PeftMethod):
 
     def update_from_upload(self, upload: Tensors, sent: Sent, additive: bool) -> Tensors:
         if additive:
-            return upload
+            return self.additive_update(upload, sent.rank)
         after = self.model_space({k: sent.state[k] + upload[k] for k in sent.state}, sent.rank)
         return {name: after[name] - sent.reference[name] for name in after}
 

@@ -1,8 +1,8 @@
-"""What a client process keeps between messages (the base model, its adapters, its data), and
-one round of local training on it.
+"""The client's half of a round, without Flower: what a client process keeps between rounds (the
+base model, its adapters, its data) and `local_round`, one round of local training on it.
 
-Flower reuses a worker process for many messages (rounds, and in simulation many simulated
-clients), so the base model is built once per process and only adapter weights change.
+A client process serves many rounds (and in simulation many simulated clients), so the base model
+is built once per process and only adapter weights change.
 """
 
 from __future__ import annotations
@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from flwr.app import Context
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedllm.config import RunConfig
 from fedllm.data import Example, client_share, load_examples, load_splits
 from fedllm.emulator import FULL, EmulatorError, LayerMap, instantiate, load_cached, save_cached, verified
-from fedllm.methods import build_method
+from fedllm.methods import PeftMethod, Tensors, build_method
 from fedllm.models import cache_dir, load_model, load_tokenizer, pick_device
 from fedllm.seeds import local_training_seed
 from fedllm.train import Encoded, encode, train_steps
@@ -91,8 +92,8 @@ class NodeSettings:
     client_model: str = FULL  # 'full' or 'emulator:<keep>'
 
     @classmethod
-    def from_context(cls, context: Context, cfg: RunConfig) -> NodeSettings:
-        node = context.node_config
+    def from_node_config(cls, node: Mapping[str, Any], cfg: RunConfig) -> NodeSettings:
+        """From a node's `node-config` (Flower's `context.node_config`)."""
         partition_id = int(node.get("partition-id", 0))
         return cls(
             partition_id=partition_id,
@@ -122,15 +123,22 @@ def local_round(
     started = time.perf_counter()
     data = worker.training_data(cfg, node)
     model, adapter = worker.adapter(node.rank)
-    worker.method.install(model, adapter, received)
-    seed = local_training_seed(cfg.seed, server_round, node.partition_id)
-    torch.manual_seed(seed)  # dropout draws from the global RNG
-    loss = train_steps(
-        model, data, steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),
-        seed=seed, pad_id=worker.tokenizer.pad_token_id,
-    )
-    update = worker.method.upload(worker.method.trained(model, adapter), received, cfg.additive_uploads())
+    update, loss = train_round(cfg, worker.method, model, adapter, received, data, steps,
+                               local_training_seed(cfg.seed, server_round, node.partition_id), worker.tokenizer.pad_token_id)
     return LocalResult(update, loss, len(data), time.perf_counter() - started)
+
+
+def train_round(
+    cfg: RunConfig, method: PeftMethod, model: PeftModel, adapter: str, received: Tensors, data: list[Encoded],
+    steps: int, seed: int, pad_id: int,
+) -> tuple[Tensors, float]:
+    """Install the received state in `adapter`, train `steps` AdamW steps on `data`, and return the
+    upload (`method.upload` of trained vs received) and the mean training loss."""
+    method.install(model, adapter, received)
+    torch.manual_seed(seed)  # dropout draws from the global RNG
+    loss = train_steps(model, data, steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),
+                       seed=seed, pad_id=pad_id)
+    return method.upload(method.trained(model, adapter), received, cfg.additive_uploads()), loss
 
 
 _WORKERS: dict[str, Worker] = {}

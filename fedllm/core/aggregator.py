@@ -1,0 +1,205 @@
+"""The server's half of a round, without Flower: the aggregator owns the exact global update ΔW_g
+and the server optimizer's state.
+
+A round: `begin` samples nodes and computes what they are sent (the PEFT method's state for ΔW_g
+at each rank); `absorb` turns one node's upload into its update τ_k; `complete` merges the round's
+updates with the operator (or, under central DP, takes the noisy mean) and steps,
+ΔW_g ← ΔW_g + server_step(merge(τ)). A secure round, where the server learns only a sum, ends with
+`complete_sum` instead. What a baseline or another server-side method does differently is its
+`ServerMethod`'s (`fedllm.core.server_methods`); the transport (`server/`) only moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedllm.adapters import Delta
+from fedllm.config import AUTO, AUTO_NORM_RATIO, RunConfig
+from fedllm.core.nodes import NodeInfo, NodeRegistry, ReplyRejected
+from fedllm.core.server_methods import ServerMethod, build_server_method
+from fedllm.merge import RANDOMIZED, get_operator
+from fedllm.methods import PeftMethod, Sent
+from fedllm.privacy.central import ServerDp
+from fedllm.robust import cap_weights, clip_to_median, update_norm
+from fedllm.seeds import operator_seed
+
+log = logging.getLogger(__name__)
+
+# No fine-tuning moves a weight by this much: a global update with a larger entry is corrupt.
+ABSURD_ENTRY = 1e4
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One node's accepted reply: its update τ_k (per module) and its weight (example count)."""
+
+    node_id: int
+    update: Delta
+    weight: float
+
+
+class Aggregator:
+    """ΔW_g, the server optimizer's moments, and this round's sent states; changed only here."""
+
+    def __init__(self, cfg: RunConfig, method: PeftMethod, nodes: NodeRegistry | None = None,
+                 server_method: ServerMethod | None = None) -> None:
+        self.cfg, self.method = cfg, method
+        self.nodes = nodes if nodes is not None else NodeRegistry()
+        self.server_method = server_method or build_server_method(cfg, method)
+        self.dp = ServerDp(cfg) if cfg.dp != "none" else None
+        self.operator = get_operator(cfg.aggregation)
+        self.operator_params = cfg.aggregation_params()
+        self.optimizer = cfg.server_optimizer_settings()
+        self.global_delta: Delta = {}
+        self.optimizer_state: dict[str, Delta] = {}  # part of the run state
+        self.sent: dict[int, Sent] = {}  # this round's states, by the server method's key (the rank)
+        self.refactor_seconds = 0.0  # this round's time to compute the sent states
+        self.bounded: list[str] = []  # this round's updates scaled down and weights capped, per node
+        self.merge_weights: dict[int, float] = {}  # this round's weight of each node in the merge (after caps)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Round 0: no update yet."""
+        self.global_delta = self.server_method.initial_update(self)
+
+    def restore(self, global_delta: Delta, optimizer_state: dict[str, Delta]) -> None:
+        """The state after a completed round of an earlier run (a checkpoint's)."""
+        self.global_delta, self.optimizer_state = global_delta, optimizer_state
+
+    @property
+    def min_clients(self) -> int:
+        return self.server_method.min_clients()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def sample(self, server_round: int) -> list[int]:
+        """The nodes that train this round, in partition order."""
+        ordered = self.nodes.online_in_order()
+        if self.dp is not None and self.cfg.dp_sampling_amplification:
+            return self.dp.poisson_sample(ordered, server_round)
+        return self.server_method.sample(ordered, self.sample_size(), server_round)
+
+    def sample_size(self) -> int:
+        """Nodes per round: `fraction-train` of those online, at least `min-clients`."""
+        online = len(self.nodes.online)
+        return min(online, max(int(online * self.cfg.fraction_train + 1e-9), self.cfg.min_clients))  # 0.29 * 100 is 28.99…
+
+    def begin(self, server_round: int, node_ids: list[int]) -> None:
+        """Compute what the sampled nodes are sent this round (timed: re-factoring can be costly)."""
+        started = time.perf_counter()
+        self.sent = self.server_method.states(self, server_round, [self.nodes.nodes[n] for n in node_ids])
+        self.refactor_seconds = time.perf_counter() - started
+        self.bounded = []
+
+    def state_for(self, node_id: int) -> Sent:
+        """What `node_id` is sent this round."""
+        return self.sent[self.server_method.key(self.nodes.nodes[node_id])]
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """What every sampled node is told besides its state."""
+        return {"server-round": server_round, **self.server_method.train_config(self)}
+
+    # -- absorbing replies ---------------------------------------------------------------------
+
+    def reply_state(self, node_id: int, rank: int) -> Sent:
+        """The state the replying node was sent, by the rank it reports; `ReplyRejected` if none."""
+        return self.server_method.reply_state(self, self.nodes.nodes.get(node_id), node_id, rank)
+
+    def upload_shapes(self, sent: Sent) -> dict[str, torch.Size]:
+        """Names and shapes of an upload from a node sent `sent`."""
+        return self.method.upload_shapes(sent, self.cfg.additive_uploads())
+
+    def absorb(self, node_id: int, upload: Delta, sent: Sent) -> Delta:
+        """The node's update τ_k from its checked upload; `ReplyRejected` if its norm is not
+        finite or exceeds a numeric `max-update-norm`."""
+        tau = self.method.update_from_upload(upload, sent, self.cfg.additive_uploads())
+        norm, limit = update_norm(tau), self.cfg.max_update_norm
+        if not math.isfinite(norm):
+            raise ReplyRejected(f"node {node_id}: its model-space update norm is not finite (overflow in s·B·A)")
+        if limit not in (None, AUTO) and norm > limit:
+            raise ReplyRejected(f"node {node_id}: model-space update norm {norm:.4g} exceeds max-update-norm {limit:g}")
+        return tau
+
+    # -- merging and stepping ------------------------------------------------------------------
+
+    def complete(self, server_round: int, contributions: list[Contribution]) -> None:
+        """The round's accepted updates into ΔW_g (the server method's combination; by default
+        `ΔW_g + server_step(merge(τ_1..τ_K))` with each client's influence bounded)."""
+        self.merge_weights = {c.node_id: c.weight for c in contributions}
+        self.commit(server_round, *self.server_method.combine(self, server_round, contributions))
+
+    def complete_sum(self, server_round: int, mean: Delta, sent: Sent, upload_coordinates: bool) -> None:
+        """A secure round's `Σ p_k v_k` into ΔW_g: `ΔW_g + server_step(scale · Σ p_k τ_k)` (the sum
+        is mapped to model space first where clients sent upload coordinates)."""
+        if upload_coordinates:
+            mean = self.method.additive_update(mean, sent.rank)
+        scale = float(self.operator_params.get("scale", 1.0))
+        self.commit(server_round, *self.stepped({k: scale * v for k, v in mean.items()}))
+
+    def bounded_influence(self, contributions: list[Contribution]) -> list[Contribution]:
+        """Each client's influence bounded relative to the round (`max-update-norm = 'auto'`,
+        `max-weight-ratio`); what was bounded is noted per node."""
+        updates, weights = [c.update for c in contributions], [c.weight for c in contributions]
+        nodes = [c.node_id for c in contributions]
+        if self.cfg.max_update_norm == AUTO and not self.cfg.dp_bounds_updates():
+            updates, clipped = clip_to_median(updates, AUTO_NORM_RATIO)
+            self.bounded += [f"node {nodes[k]}: update scaled down to {AUTO_NORM_RATIO:g}x the round's median norm"
+                             for k in clipped]
+        if self.cfg.max_weight_ratio is not None:
+            weights, capped = cap_weights(weights, self.cfg.max_weight_ratio)
+            self.bounded += [f"node {nodes[k]}: weight capped at {self.cfg.max_weight_ratio:g}x the round's median"
+                             for k in capped]
+        for note in self.bounded:
+            log.warning("%s", note)
+        self.merge_weights = dict(zip(nodes, weights))
+        return [Contribution(n, u, w) for n, u, w in zip(nodes, updates, weights)]
+
+    def merge(self, server_round: int, contributions: list[Contribution]) -> Delta:
+        """The operator over the clients' updates, module by module; under central DP the noisy
+        mean of the clipped updates (times the operator's scale)."""
+        updates = [c.update for c in contributions]
+        if self.dp is not None and self.cfg.dp == "central":
+            scale = float(self.operator_params.get("scale", 1.0))
+            shapes = {module: tensor.shape for module, tensor in self.global_delta.items()}
+            mean = self.dp.central_mean(updates, shapes, server_round, population=len(self.nodes.online))
+            return {k: scale * v for k, v in mean.items()}
+        weights = [c.weight for c in contributions]
+        return {module: self.merge_module(server_round, index, module, updates, weights)
+                for index, module in enumerate(self.global_delta)}
+
+    def merge_module(self, server_round: int, index: int, module: str, updates: list[Delta], weights: list[float]) -> torch.Tensor:
+        """The operator over the updates that have `module`, with their weights (the operators
+        normalise them: a layer only some clients trained is their weighted merge); zero if none has it."""
+        having = [k for k, update in enumerate(updates) if module in update]
+        if not having:
+            return torch.zeros_like(self.global_delta[module])
+        seed = {"seed": operator_seed(self.cfg.seed, server_round, index)} if self.cfg.aggregation in RANDOMIZED else {}
+        return self.operator(
+            torch.stack([updates[k][module] for k in having]), torch.tensor([weights[k] for k in having]),
+            **self.operator_params, **seed,
+        )
+
+    def stepped(self, merged: Delta) -> tuple[Delta, dict[str, Delta]]:
+        """`ΔW_g + server_step(merged)` and the optimizer's new state (neither committed yet)."""
+        step, state = self.optimizer.step(merged, self.optimizer_state)
+        return {module: delta + step[module] for module, delta in self.global_delta.items()}, state
+
+    def commit(self, server_round: int, global_delta: Delta, optimizer_state: dict[str, Delta]) -> None:
+        """Take a round's result, unless its global update is not finite or absurdly large: then the
+        round fails with nothing changed (the run can resume from its last good round)."""
+        for module, tensor in global_delta.items():
+            largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if not math.isfinite(largest) or largest > ABSURD_ENTRY:
+                raise RuntimeError(
+                    f"round {server_round}: the merged global update of {module} has an entry of {largest:.3g} "
+                    f"(non-finite or above {ABSURD_ENTRY:g}); the round is discarded and nothing is checkpointed. "
+                    "Resume from an earlier round (resume-round) with stricter max-update-norm / aggregation settings"
+                )
+        self.global_delta, self.optimizer_state = global_delta, optimizer_state

@@ -1,0 +1,20 @@
+"""Server-side methods by `baseline` name: federated fine-tuning itself and the references that
+bracket it. A new one is a file here with a `ServerMethod` subclass, and a line below."""
+
+from __future__ import annotations
+
+from fedllm.config import RunConfig
+from fedllm.core.server_methods.base import ServerMethod
+from fedllm.core.server_methods.centralized import Centralized
+from fedllm.core.server_methods.local_only import LocalOnly, own_update
+from fedllm.methods import PeftMethod
+
+SERVER_METHODS: dict[str, type[ServerMethod]] = {m.name: m for m in (ServerMethod, Centralized, LocalOnly)}
+
+
+def build_server_method(cfg: RunConfig, method: PeftMethod) -> ServerMethod:
+    """The run's server-side method (`baseline`)."""
+    return SERVER_METHODS[cfg.baseline](cfg, method)
+
+
+__all__ = ["SERVER_METHODS", "Centralized", "LocalOnly", "ServerMethod", "build_server_method", "own_update"]
