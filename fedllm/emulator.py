@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedllm.settings import ConfigError, Settings, setting
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -269,3 +271,66 @@ def load_cached(root: Path, digest: str) -> Emulator | None:
     meta = json.loads((folder / "emulator.json").read_text())
     state = load_file(str(folder / "model.safetensors"))
     return verified(meta["config"], tuple(meta["kept"]), meta["prefix"], state, digest)
+
+
+def _is_client_model_list(value: str) -> bool:
+    try:
+        return bool(parse_client_models(value))
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class EmulatorSettings(Settings):
+    """What clients train on: the base model or an emulator of it (Offsite-Tuning)."""
+
+    client_model: str = setting(
+        "client-model", "full", _is_client_model_list,
+        "'full', 'emulator:<keep>' (<keep> a fraction in (0, 1] or a layer count >= 2), or a comma-separated list",
+        "what clients train on: the base model, or an emulator keeping the first, last and evenly spread middle "
+        "layers (Offsite-Tuning); a list cycles over partitions (a node's node-config client-model wins)",
+    )
+    emulator_distill_steps: int = setting(
+        "emulator-distill-steps", 0, lambda v: v >= 0, "an integer >= 0 (0: off)",
+        "emulators: steps of layer-wise distillation of their middle layers on the public warm-up tasks, on the server",
+    )
+    emulator_adapters: str = setting(
+        "emulator-adapters", "kept", lambda v: v in ADAPTER_PLACES, "kept or ends",
+        "emulators: adapters on every kept layer, or on the first and last only (Offsite-Tuning's adapter: the "
+        "layers that are exact copies of the full model's)",
+    )
+
+    def check(self) -> None:
+        """Emulators carry per-layer adapters, merged per layer over the clients that have it."""
+        if all(model.is_full for model in self.client_models()):
+            if self.emulator_distill_steps or self.emulator_adapters != "kept":
+                raise ConfigError("run-config emulator-distill-steps and emulator-adapters need emulator clients "
+                                  "(client-model 'emulator:<keep>'); leave them at 0 and 'kept' with client-model 'full'")
+        elif why := self.emulator_refusal():
+            raise ConfigError(f"run-config client-model {self.client_model!r} (emulator clients) {why}")
+
+    def emulator_refusal(self) -> str | None:
+        """Why this run cannot have emulator clients, or None if it can."""
+        from fedllm.methods import METHODS
+
+        layered = " or ".join(name for name, method in METHODS.items() if method.adapts_layers)
+        problems = {
+            f"peft-method {self.peft_method!r}": not METHODS[self.peft_method].adapts_layers,
+            "secure-aggregation": self.secure_aggregation,
+            f"dp {self.dp!r}": self.dp != "none",
+            f"baseline {self.baseline!r}": self.baseline != "none",
+        }
+        if bad := [what for what, set_ in problems.items() if set_]:
+            return (f"does not combine with {', '.join(bad)}: emulators take peft-method {layered}, and their "
+                    "updates of some layers only are merged per layer, which secure sums, DP's sensitivity bound and "
+                    "the baselines do not do")
+        return None
+
+    def client_models(self) -> list[ClientModel]:
+        """`client-model` as a list, cycled over partitions."""
+        return parse_client_models(self.client_model)
+
+    def client_model_for_partition(self, partition_id: int) -> str:
+        """This partition's client model in simulation (a node's node-config client-model wins)."""
+        models = self.client_models()
+        return str(models[partition_id % len(models)])

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 
 import torch
+
+from fedllm.settings import Settings, positive, setting
+
+AUTO = "auto"
+AUTO_NORM_RATIO = 3.0  # max-update-norm = 'auto': updates are scaled down to this multiple of the round's median norm
 
 Update = dict[str, torch.Tensor]
 
@@ -46,3 +52,28 @@ def cap_weights(weights: list[float], ratio: float) -> tuple[list[float], list[i
     cap = ratio * statistics.median(weights)
     capped = [k for k, w in enumerate(weights) if w > cap]
     return [min(w, cap) for w in weights], capped
+
+
+@dataclass(frozen=True)
+class RobustSettings(Settings):
+    """Bounds on what one node can claim and how far its update can move the merge."""
+
+    max_update_norm: float | str | None = setting(
+        "max-update-norm", AUTO, lambda v: v == AUTO or (not isinstance(v, str) and v > 0),
+        "'auto', '' (off) or a number > 0",
+        "bound on a client's model-space update norm ‖τ_k‖: 'auto' scales an update down to "
+        f"{AUTO_NORM_RATIO:g}x the round's median norm (docs/threat-model.md); a number rejects updates above it",
+    )
+    max_weight_ratio: float | None = setting(
+        "max-weight-ratio", 4.0, lambda v: v >= 1, "'' (off) or a number >= 1",
+        "cap on a client's example-count weight, as a multiple of the round's median (claimed examples buy "
+        "no more influence than that)",
+    )
+    max_client_rank: int = setting(
+        "max-client-rank", 256, positive, "an integer >= 1",
+        "largest LoRA rank a node may report (also at most the smallest adapted layer's min(d_in, d_out))",
+    )
+    max_client_examples: int = setting(
+        "max-client-examples", 10_000_000, positive, "an integer >= 1",
+        "largest training-example count a node may report; a node claiming more is left out",
+    )

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedllm.settings import Settings, positive, setting
+
 OPTIMIZERS = ("none", "momentum", "adagrad", "yogi", "adam")
 State = dict[str, dict[str, torch.Tensor]]  # moment name ("m", "v", "u") -> module -> tensor
 
@@ -59,3 +61,23 @@ class ServerOptimizer:
         if self.name == "yogi":
             return v - (1 - self.beta2) * squared * torch.sign(v - squared)
         return self.beta2 * v + (1 - self.beta2) * squared
+
+
+@dataclass(frozen=True)
+class OptimizerSettings(Settings):
+    """The server step taken on the merged update (FedAvgM / FedOpt)."""
+
+    server_optimizer: str = setting(
+        "server-optimizer", "none", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", "step applied to the merged update (FedAvgM / FedOpt)",
+    )
+    server_learning_rate: float = setting(
+        "server-learning-rate", 1.0, positive, "a number > 0", "server step size η (adaptive optimizers: ~1e-3)"
+    )
+    server_momentum: float = setting("server-momentum", 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)", "momentum: μ")
+    server_beta1: float = setting("server-beta1", 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)", "adagrad/yogi/adam: β1")
+    server_beta2: float = setting("server-beta2", 0.99, lambda v: 0 <= v < 1, "a number in [0, 1)", "yogi/adam: β2")
+    server_tau: float = setting("server-tau", 1e-3, positive, "a number > 0", "adagrad/yogi/adam: τ")
+
+    def server_optimizer_settings(self) -> ServerOptimizer:
+        return ServerOptimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
+                               self.server_beta1, self.server_beta2, self.server_tau)

@@ -6,12 +6,14 @@ import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedllm.data.example import Example
 from fedllm.data.format import prompt_text
+from fedllm.settings import Settings, positive, setting
 
 IGNORE = -100
 Encoded = tuple[list[int], list[int]]  # (input ids, labels with the prompt masked out)
@@ -222,3 +224,11 @@ def evaluate(
 def mean_accuracy(per_task: dict[str, float]) -> float:
     """Unweighted mean over tasks, so a large task does not hide a small one."""
     return sum(per_task.values()) / len(per_task)
+
+
+@dataclass(frozen=True)
+class TrainingSettings(Settings):
+    """Each client's local training in a round."""
+
+    local_steps: int = setting("local-steps", 40, positive, "an integer >= 1", "optimizer steps per client per round")
+    batch_size: int = setting("batch-size", 16, positive, "an integer >= 1", "examples per local step")

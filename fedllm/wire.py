@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedllm.settings import Settings, setting
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_SUFFIX, VALUE_SUFFIX = "::idx", "::val"
 
@@ -126,3 +128,20 @@ def decode(wire: dict[str, np.ndarray], shapes: dict[str, torch.Size], codec: Up
     if extra := sorted(set(wire) - set(wire_names(shapes, codec))):
         raise ValueError(f"upload has unexpected arrays {extra[:3]}")
     return out
+
+
+@dataclass(frozen=True)
+class WireSettings(Settings):
+    """How client uploads are encoded on the wire."""
+
+    upload_dtype: str = setting(
+        "upload-dtype", "float32", lambda v: v in ("float32", "float16", "bfloat16"), "float32, float16 or bfloat16",
+        "number format of client uploads on the wire (aggregation stays float32)",
+    )
+    upload_sparsity: float | None = setting(
+        "upload-sparsity", None, lambda v: 0 < v < 1, "'' (dense) or a density in (0, 1)",
+        "clients send only this fraction of update entries (largest first), with error feedback",
+    )
+
+    def upload_codec(self) -> UploadCodec:
+        return UploadCodec(self.upload_dtype, self.upload_sparsity or 1.0)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedllm.config import AUTO_NORM_RATIO
-from fedllm.models import resolve_model
 from fedllm.launch import run_simulation
+from fedllm.models import resolve_model
+from fedllm.robust import AUTO_NORM_RATIO
 from tests.conftest import ONE_ACTOR_CPUS, PROJECT, simulate
 from tests.deploy_support import read_metrics
 

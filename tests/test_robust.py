@@ -8,9 +8,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedllm.adapters import factor_key
-from fedllm.config import AUTO_NORM_RATIO
-from fedllm.robust import cap_weights, clip_to_median, update_norm
 from fedllm.core.nodes import NodeInfo
+from fedllm.robust import AUTO_NORM_RATIO, cap_weights, clip_to_median, update_norm
 from tests.test_faults import MODULE, RANK, reply, transport
 
 

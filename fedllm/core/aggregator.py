@@ -15,19 +15,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedllm.adapters import Delta
-from fedllm.config import AUTO, AUTO_NORM_RATIO, RunConfig
-from fedllm.core.nodes import NodeInfo, NodeRegistry, ReplyRejected
+from fedllm.core.nodes import NodeRegistry, ReplyRejected
 from fedllm.core.server_methods import ServerMethod, build_server_method
 from fedllm.merge import RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
 from fedllm.privacy.central import ServerDp
-from fedllm.robust import cap_weights, clip_to_median, update_norm
+from fedllm.robust import AUTO, AUTO_NORM_RATIO, cap_weights, clip_to_median, update_norm
 from fedllm.seeds import operator_seed
+
+if TYPE_CHECKING:
+    from fedllm.config import RunConfig
 
 log = logging.getLogger(__name__)
 

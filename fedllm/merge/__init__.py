@@ -7,6 +7,8 @@ and returns a float32 tensor of the per-client shape; see :mod:`fedllm.merge.ope
 * ``OPERATOR_PARAMS``: name -> {parameter: default}, the only keyword parameters the operator
   accepts (a run-config key ``aggregation-<param>`` maps onto ``<param>``, with ``-`` read as ``_``
   if a name ever needs it).
+* ``OPERATOR_KINDS``: name -> what kind of merge it is (``MEAN``, ``CLIENT_STEP``,
+  ``SIGN_CONSENSUS``, ``ORDER_STATISTIC``); ``operators_of(*kinds)`` lists those of some kinds.
 * ``get_operator(name)``: the function, or ``ValueError`` listing the valid names.
 * ``set_threads(n)``: intra-op threads used while an operator runs (default 1; None = torch's).
 """
@@ -18,6 +20,10 @@ from typing import Any, Callable
 from . import operators as _operators_module
 from ._checks import UnknownParameterError
 from .operators import (
+    CLIENT_STEP,
+    MEAN,
+    ORDER_STATISTIC,
+    SIGN_CONSENSUS,
     breadcrumbs,
     dare_linear,
     dare_ties,
@@ -51,6 +57,13 @@ OPERATOR_PARAMS: dict[str, dict[str, Any]] = {name: dict(f.params) for name, f i
 #: Operators whose result uses random draws (they take ``seed``).
 RANDOMIZED = frozenset(name for name, params in OPERATOR_PARAMS.items() if "seed" in params)
 
+OPERATOR_KINDS: dict[str, str] = {name: f.kind for name, f in OPERATORS.items()}
+
+
+def operators_of(*kinds: str) -> tuple[str, ...]:
+    """The operators of the given kinds, in registry order."""
+    return tuple(name for name, kind in OPERATOR_KINDS.items() if kind in kinds)
+
 
 def set_threads(threads: int | None) -> None:
     """Intra-op threads the operators use while they run (default 1); ``None`` keeps torch's.
@@ -74,11 +87,17 @@ def get_operator(name: str) -> Callable[..., Any]:
 
 
 __all__ = [
+    "CLIENT_STEP",
+    "MEAN",
     "OPERATORS",
+    "OPERATOR_KINDS",
     "OPERATOR_PARAMS",
+    "ORDER_STATISTIC",
     "RANDOMIZED",
+    "SIGN_CONSENSUS",
     "UnknownParameterError",
     "get_operator",
+    "operators_of",
     "set_threads",
     *OPERATORS,
 ]

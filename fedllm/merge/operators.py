@@ -59,23 +59,36 @@ def _intra_op_threads():
         torch.set_num_threads(current)
 
 
-def _operator(func):
-    """Register the keyword-only parameters of ``func`` and reject any others with a clear error."""
-    accepted = {
-        name: prm.default
-        for name, prm in inspect.signature(func).parameters.items()
-        if prm.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+# What kind of merge an operator is: privacy and secure aggregation read this, not name lists.
+MEAN = "mean"  # a (scaled) weighted mean: linear in the updates
+CLIENT_STEP = "client-step"  # a weighted mean after a step each client takes on its own update (trim, drop)
+SIGN_CONSENSUS = "sign-consensus"  # a mean over the clients agreeing with a sign elected across clients
+ORDER_STATISTIC = "order-statistic"  # an order statistic across clients, entry by entry
 
-    @functools.wraps(func)
-    def wrapper(updates, weights, **params):
-        _checks.reject_unknown(func.__name__, params, accepted)
-        # Merging is not differentiated (and out= buffers refuse autograd inputs).
-        with torch.no_grad(), _intra_op_threads():
-            return func(updates, weights, **params)
 
-    wrapper.params = MappingProxyType(accepted)
-    return wrapper
+def _operator(kind: str):
+    """Register an operator of `kind`: its keyword-only parameters (any others are rejected with a
+    clear error) and its kind."""
+
+    def register(func):
+        accepted = {
+            name: prm.default
+            for name, prm in inspect.signature(func).parameters.items()
+            if prm.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+        @functools.wraps(func)
+        def wrapper(updates, weights, **params):
+            _checks.reject_unknown(func.__name__, params, accepted)
+            # Merging is not differentiated (and out= buffers refuse autograd inputs).
+            with torch.no_grad(), _intra_op_threads():
+                return func(updates, weights, **params)
+
+        wrapper.params = MappingProxyType(accepted)
+        wrapper.kind = kind
+        return wrapper
+
+    return register
 
 
 def _prepare(updates, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
@@ -161,7 +174,7 @@ def _sorted_columns(
 # --------------------------------------------------------------------------- operators
 
 
-@_operator
+@_operator(MEAN)
 def weighted_average(updates, weights) -> torch.Tensor:
     """Weighted average ``sum_k p_k tau_k`` (FedAvg / model soups, arXiv 2203.05482).
 
@@ -171,7 +184,7 @@ def weighted_average(updates, weights) -> torch.Tensor:
     return _weighted_sum(flat, p, 1.0).view(shape)
 
 
-@_operator
+@_operator(MEAN)
 def task_arithmetic(updates, weights, *, scale: float = 1.0) -> torch.Tensor:
     """Task arithmetic ``scale * sum_k p_k tau_k`` (Ilharco et al., arXiv 2212.04089).
 
@@ -183,7 +196,7 @@ def task_arithmetic(updates, weights, *, scale: float = 1.0) -> torch.Tensor:
     return _weighted_sum(flat, p, scale).view(shape)
 
 
-@_operator
+@_operator(CLIENT_STEP)
 def magnitude_prune(updates, weights, *, density: float = 0.2, scale: float = 1.0) -> torch.Tensor:
     """Keep each client's top-``density`` entries by magnitude, then ``scale * sum_k p_k tau_k``.
 
@@ -198,7 +211,7 @@ def magnitude_prune(updates, weights, *, density: float = 0.2, scale: float = 1.
     return _weighted_sum(flat, p, scale, keep).view(shape)
 
 
-@_operator
+@_operator(SIGN_CONSENSUS)
 def ties(updates, weights, *, density: float = 0.2, scale: float = 1.0) -> torch.Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean (Yadav et al., arXiv 2306.01708).
 
@@ -214,7 +227,7 @@ def ties(updates, weights, *, density: float = 0.2, scale: float = 1.0) -> torch
     return _sign_consensus(flat, p, scale, keep).view(shape)
 
 
-@_operator
+@_operator(CLIENT_STEP)
 def dare_linear(updates, weights, *, density: float = 0.5, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
     """DARE drop-and-rescale, then ``scale * sum_k p_k tau_k`` (Yu et al., arXiv 2311.03099).
 
@@ -230,7 +243,7 @@ def dare_linear(updates, weights, *, density: float = 0.5, scale: float = 1.0, s
     return _weighted_sum(flat, p, scale / density, keep).view(shape)
 
 
-@_operator
+@_operator(SIGN_CONSENSUS)
 def dare_ties(updates, weights, *, density: float = 0.5, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
     """DARE drop-and-rescale, then TIES sign election and disjoint mean (arXiv 2311.03099).
 
@@ -246,7 +259,7 @@ def dare_ties(updates, weights, *, density: float = 0.5, scale: float = 1.0, see
     return _sign_consensus(flat, p, scale / density, keep).view(shape)
 
 
-@_operator
+@_operator(CLIENT_STEP)
 def breadcrumbs(
     updates, weights, *, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0
 ) -> torch.Tensor:
@@ -270,7 +283,7 @@ def breadcrumbs(
     return _weighted_sum(flat, p, scale, keep).view(shape)
 
 
-@_operator
+@_operator(SIGN_CONSENSUS)
 def della(
     updates, weights, *, density: float = 0.5, epsilon: float = 0.15, scale: float = 1.0, seed: int = 0
 ) -> torch.Tensor:
@@ -312,7 +325,7 @@ def della(
     return consensus.disjoint_mean(sums, out, scale).view(shape)
 
 
-@_operator
+@_operator(ORDER_STATISTIC)
 def median(updates, weights) -> torch.Tensor:
     """Coordinate-wise median of the client updates (Yin et al., arXiv 1803.01498).
 
@@ -329,7 +342,7 @@ def median(updates, weights) -> torch.Tensor:
     return _sorted_columns(flat, p, middle).view(shape)
 
 
-@_operator
+@_operator(ORDER_STATISTIC)
 def trimmed_mean(updates, weights, *, beta: float = 0.1) -> torch.Tensor:
     """Coordinate-wise trimmed mean (after Yin et al., arXiv 1803.01498).
 

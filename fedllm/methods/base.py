@@ -50,6 +50,9 @@ class PeftMethod(ABC):
     default_learning_rate: ClassVar[float]
     uses_rank: ClassVar[bool] = True  # False: one adapter whatever a node's lora-rank
     merges_into_weights: ClassVar[bool] = True  # True: the server model is W0 + ΔW_g, exported as model/
+    adapts_layers: ClassVar[bool] = False  # True: an adapter per layer (emulators train and merge layer by layer)
+    variants: ClassVar[tuple[str, ...]] = ("standard",)  # the lora-variant values it takes
+    takes_prompt_init: ClassVar[bool] = False  # True: prompt-init chooses its initial prompt
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

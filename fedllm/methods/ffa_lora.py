@@ -26,6 +26,7 @@ class FfaLora(Lora):
     """LoRA with a shared frozen `A`; the update and the upload are linear in `B`."""
 
     name = "ffa-lora"
+    variants = ("standard", "rslora")  # DoRA's magnitudes would make the update non-linear in B
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Lora's own arguments
         super().__init__(*args, **kwargs)

@@ -78,6 +78,8 @@ class Lora(PeftMethod):
     """LoRA (with `lora-variant`): model-space updates per module, re-factored per client rank."""
 
     name = "lora"
+    adapts_layers = True
+    variants = VARIANTS
     default_learning_rate = 3e-3
 
     def __init__(self, cfg: RunConfig, layers: dict[str, Layer], base_norms: Tensors | None = None) -> None:

@@ -88,6 +88,7 @@ class PromptLearning(PeftMethod):
 
 class PromptTuning(PromptLearning):
     name = "prompt-tuning"
+    takes_prompt_init = True
     default_learning_rate = 0.3
 
     def peft_config(self, rank: int) -> PeftConfig:

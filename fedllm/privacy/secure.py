@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from fedllm.merge import RANDOMIZED, get_operator
+from fedllm.merge import CLIENT_STEP, MEAN, OPERATOR_KINDS, RANDOMIZED, SIGN_CONSENSUS, get_operator, operators_of
 
-SECURE_OPERATORS = ("weighted_average", "task_arithmetic", "magnitude_prune", "dare_linear", "breadcrumbs")
-IDENTITY_STEP = ("weighted_average", "task_arithmetic")  # no client step: any additive coordinates will do
-SIGN_CONSENSUS = ("ties", "dare_ties", "della")
+SECURE_OPERATORS = operators_of(MEAN, CLIENT_STEP)
+IDENTITY_STEP = operators_of(MEAN)  # no client step: any additive coordinates will do
 SIGN_CONSENSUS_LEAK = (
     "its disjoint mean needs a second secure sum, of the weights of the clients agreeing with the elected sign, and "
     "with the example-count weights the server knows that sum names the agreeing clients and exposes a lone agreeing "
@@ -32,7 +31,7 @@ def refusal(operator: str) -> str | None:
     """Why `operator` cannot run under secure aggregation, or None if it can."""
     if operator in SECURE_OPERATORS:
         return None
-    why = (SIGN_CONSENSUS_LEAK if operator in SIGN_CONSENSUS
+    why = (SIGN_CONSENSUS_LEAK if OPERATOR_KINDS.get(operator) == SIGN_CONSENSUS
            else "it needs every client's individual update (an order statistic across clients), which secure "
                 "aggregation hides from the server")
     return (f"aggregation {operator!r} cannot run under secure aggregation: {why}; with secure-aggregation = true "

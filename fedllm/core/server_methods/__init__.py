@@ -3,11 +3,15 @@ bracket it. A new one is a file here with a `ServerMethod` subclass, and a line 
 
 from __future__ import annotations
 
-from fedllm.config import RunConfig
+from typing import TYPE_CHECKING
+
 from fedllm.core.server_methods.base import ServerMethod
 from fedllm.core.server_methods.centralized import Centralized
 from fedllm.core.server_methods.local_only import LocalOnly, own_update
 from fedllm.methods import PeftMethod
+
+if TYPE_CHECKING:
+    from fedllm.config import RunConfig
 
 SERVER_METHODS: dict[str, type[ServerMethod]] = {m.name: m for m in (ServerMethod, Centralized, LocalOnly)}
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedllm.adapters import Delta
-from fedllm.config import RunConfig
 from fedllm.core.nodes import NodeInfo, ReplyRejected
 from fedllm.methods import PeftMethod, Sent
 from fedllm.seeds import refactor_seed, sampling_rng
 
 if TYPE_CHECKING:
+    from fedllm.config import RunConfig
     from fedllm.core.aggregator import Aggregator, Contribution
     from fedllm.core.server_model import ServerModel
 

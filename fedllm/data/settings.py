@@ -1,0 +1,36 @@
+"""The data's run-config keys: which dataset, how it is split into train and test, and how the
+training split is partitioned over clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedllm.data.partition import parse_partition
+from fedllm.settings import Settings, positive, setting
+
+
+def _is_partition(value: str) -> bool:
+    try:
+        parse_partition(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class DataSettings(Settings):
+    """The instruction data and its split over clients."""
+
+    dataset: str = setting(
+        "dataset", "builtin", lambda v: bool(v.strip()),
+        "'builtin', a local .json/.jsonl/.csv file, or 'hf:<name>'", "instruction data",
+    )
+    partition: str = setting(
+        "partition", "dirichlet:0.5", _is_partition, "'iid', 'dirichlet:<alpha>' or 'pathological:<k>'",
+        "how training data is split across clients",
+    )
+    train_per_task: int = setting("train-per-task", 400, positive, "an integer >= 1", "built-in suite: training examples per task")
+    test_per_task: int = setting("test-per-task", 40, positive, "an integer >= 1", "built-in suite: test examples per task")
+    test_fraction: float = setting(
+        "test-fraction", 0.1, lambda v: 0 < v < 1, "a number in (0, 1)", "file datasets: share held out for evaluation"
+    )
