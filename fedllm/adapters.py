@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PEFT_PREFIX = "base_model.model."
 Delta = dict[str, torch.Tensor]  # module name -> ΔW
@@ -31,6 +33,19 @@ TARGETS_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
 }
 
 
+def weight_layer_types() -> tuple[type, ...]:
+    """The layer types LoRA adapts: linear layers and GPT-2's transposed `Conv1D` (transformers is
+    imported here, when a model exists, so that reading the run config stays quick)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, Conv1D
+
+
+def is_transposed(layer: torch.nn.Module) -> bool:
+    """Whether a layer stores its weight as d_in × d_out (GPT-2 `Conv1D`)."""
+    return isinstance(layer, weight_layer_types()[1])
+
+
 def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
     """Attention and MLP projections for known architectures, else every block linear layer."""
     known = TARGETS_BY_ARCHITECTURE.get(getattr(model.config, "model_type", ""))
@@ -39,7 +54,7 @@ def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
     leaves = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] != "lm_head"
+        if isinstance(module, weight_layer_types()) and name.rsplit(".", 1)[-1] != "lm_head"
     }
     if not leaves:
         raise ValueError(f"no linear layers found in {type(model).__name__}; set lora-target-modules")
@@ -51,7 +66,7 @@ def target_layers(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[str,
     layers = {
         name: module
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, (torch.nn.Linear, Conv1D))
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, weight_layer_types())
     }
     if not layers:
         raise ValueError(f"none of the target modules {list(targets)} exist in {type(model).__name__}")
@@ -152,4 +167,4 @@ def base_weights_of(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[st
 
 def layouts_of(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[str, bool]:
     """Whether each target layer stores its weight transposed (GPT-2 `Conv1D`)."""
-    return {name: isinstance(layer, Conv1D) for name, layer in target_layers(model, targets).items()}
+    return {name: is_transposed(layer) for name, layer in target_layers(model, targets).items()}

@@ -142,10 +142,11 @@ class OutputSettings(Settings):
         return [kind for partition, kind in parse_faults(self.fault_injection) if partition == partition_id]
 
 
-# The subsystems, in the order of the key table (each one's checks run in this order too).
+# The subsystems, in the order of the key table; each one's checks run in this order too, so with
+# two problems the first named is the merge's, then the method's, privacy's, the baseline's, ...
 SUBSYSTEMS: tuple[type[Settings], ...] = (
-    FederationSettings, TrainingSettings, MethodSettings, WireSettings, MergeSettings, OptimizerSettings,
-    EmulatorSettings, ServerMethodSettings, DataSettings, PrivacySettings, RobustSettings, OutputSettings,
+    FederationSettings, TrainingSettings, MergeSettings, OptimizerSettings, MethodSettings, WireSettings,
+    PrivacySettings, ServerMethodSettings, EmulatorSettings, DataSettings, RobustSettings, OutputSettings,
 )
 
 
@@ -173,9 +174,13 @@ class RunConfig(*reversed(SUBSYSTEMS)):  # dataclass fields follow the reversed 
             if value is not None and not spec.metadata["check"](value):
                 raise ConfigError(f"run-config {key} = {raw!r} is not accepted; expected {spec.metadata['accepts']}")
         config = cls(**values)
-        for subsystem in SUBSYSTEMS:
-            subsystem.check(config)
+        config.check()
         return config
+
+    def check(self) -> None:
+        """Every subsystem's refusals, in `SUBSYSTEMS` order."""
+        for subsystem in SUBSYSTEMS:
+            subsystem.check(self)
 
     def additive_uploads(self) -> bool:
         """Whether uploads must be in additive coordinates (see `PeftMethod.upload`)."""

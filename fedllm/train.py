@@ -7,13 +7,16 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from fedllm.data.example import Example
 from fedllm.data.format import prompt_text
 from fedllm.settings import Settings, positive, setting
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 Encoded = tuple[list[int], list[int]]  # (input ids, labels with the prompt masked out)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedllm.settings import Settings, setting
+from fedllm.settings import Settings, one_of, setting
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_SUFFIX, VALUE_SUFFIX = "::idx", "::val"
@@ -135,7 +135,7 @@ class WireSettings(Settings):
     """How client uploads are encoded on the wire."""
 
     upload_dtype: str = setting(
-        "upload-dtype", "float32", lambda v: v in ("float32", "float16", "bfloat16"), "float32, float16 or bfloat16",
+        "upload-dtype", "float32", lambda v: v in DTYPES, one_of(DTYPES),
         "number format of client uploads on the wire (aggregation stays float32)",
     )
     upload_sparsity: float | None = setting(

@@ -61,8 +61,9 @@ def run_rounds(run: Run, rounds: int, timeout: float, resumed: RunState | None =
             dp.complete_round(result.clients, result.min_survivors)
         evaluating = time.perf_counter()
         per_task, scores = aggregator.server_method.evaluate(aggregator, run.server)
-        row = recorder.record_round(server_round, per_task, result, aggregator, run.grid, {
-            "evaluate_seconds": time.perf_counter() - evaluating, **scores, "round_seconds": time.perf_counter() - started})
+        evaluate_seconds = time.perf_counter() - evaluating
+        row = recorder.record_round(server_round, per_task, scores, result, aggregator, run.grid, evaluate_seconds,
+                                    round_seconds=time.perf_counter() - started)
         checkpoint(run, server_round)
         loss = "withheld (DP)" if row["train_loss"] is None else f"{row['train_loss']:.3f}"
         log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %s, %.1f s",

@@ -9,7 +9,8 @@ while at least `min-clients` valid replies remain.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -32,7 +33,7 @@ class Transport:
 
     aggregator: Aggregator
     emulators: EmulatorFleet | None = None
-    asked: dict[str, int] | None = None  # this round's message id -> node asked
+    asked: dict[str, int] = field(default_factory=dict)  # this round's message id -> node asked
 
     def message(self, node_id: int, config: dict[str, Any]) -> Message:
         """A train message: the node's state (an emulator node's for its layers only) and `config`."""
@@ -44,10 +45,17 @@ class Transport:
         return Message(RecordDict({**records, "config": ConfigRecord(config)}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
 
+    def exchange(self, grid: MeteredGrid, messages: list[Message], timeout: float,
+                 progress: Callable[[Message], None]) -> list[Message]:
+        """Send this round's messages and collect the replies (remembering which node each was for)."""
+        replies = exchange(grid, messages, timeout, progress)
+        self.asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return replies
+
     def reply_node(self, reply: Message) -> int:
         """The node a reply answers for: its sender, or, for an error the SuperLink wrote in the
         node's place (e.g. 'Node Unavailable', sent from the SuperLink's own id), the node asked."""
-        return (self.asked or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def reply_order(self, reply: Message) -> tuple[int, int]:
         """Aggregation order: by partition, then node id; never arrival order, which varies with
@@ -131,17 +139,16 @@ def plain_round(grid: MeteredGrid, transport: Transport, server_round: int, roun
         status = "failed" if reply.has_error() else f"loss {loss:.3f}" if loss is not None else "no loss reported"
         log(INFO, "round %d/%d: client %d/%d done (%s)", server_round, rounds, done, len(messages), status)
 
-    replies = exchange(grid, messages, timeout, progress)
-    transport.asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    replies = transport.exchange(grid, messages, timeout, progress)
+    aggregating = time.perf_counter()  # checking and decoding the replies, then the merge
     contributions, losses, rejected = transport.accepted(server_round, replies)
     if len(contributions) < aggregator.min_clients and not aggregator.cfg.dp_sampling_amplification:  # Poisson: any size
         raise RuntimeError(f"round {server_round}: only {len(contributions)} valid replies "
                            f"(min-clients = {aggregator.min_clients}); rejected: {rejected or 'none'}")
-    aggregating = time.perf_counter()
     aggregator.complete(server_round, contributions)
     aggregate_seconds = time.perf_counter() - aggregating
     processes = sorted({p for r in replies if None not in (p := (reply_metric(r, "pid"), reply_metric(r, "model-builds")))})
-    partitions = {n: info.partition_id for n, info in aggregator.nodes.nodes.items()}
+    partitions = aggregator.nodes.partition_of()
     train_seconds = {partitions[node]: seconds for r in replies
                      if (node := transport.reply_node(r)) in partitions and (seconds := reply_metric(r, "train-seconds")) is not None}
     loss = weighted_loss(losses, aggregator.merge_weights) if aggregator.dp is None else None

@@ -68,13 +68,13 @@ class RunRecorder:
         append_private(self.metrics_path, json.dumps(row) + "\n")
         return row
 
-    def record_round(self, server_round: int, per_task: dict[str, float], result: RoundResult,
-                     aggregator: Aggregator, grid: MeteredGrid, extra: dict[str, Any]) -> dict[str, Any]:
-        """A trained round's row: its result, bytes per partition, the aggregator's notes, timings."""
-        partitions = {n: info.partition_id for n, info in aggregator.nodes.nodes.items()}
+    def record_round(self, server_round: int, per_task: dict[str, float], scores: dict[str, Any], result: RoundResult,
+                     aggregator: Aggregator, grid: MeteredGrid, evaluate_seconds: float, round_seconds: float) -> dict[str, Any]:
+        """A trained round's row: accuracy and the server method's scores, the round's result,
+        bytes per partition, the aggregator's notes, timings and (DP) privacy spent."""
+        partitions = aggregator.nodes.partition_of()
         upload, download = ({partitions[n]: size for n, size in counts.items() if n in partitions}
                             for counts in (grid.received, grid.sent))
-        round_seconds = extra.pop("round_seconds")
         return self.record(
             server_round, per_task, train_loss=result.train_loss, clients=result.clients, rejected=len(result.rejected),
             rejected_reasons=result.rejected, timed_out=result.timed_out, bounded=aggregator.bounded,
@@ -83,7 +83,8 @@ class RunRecorder:
             refactor_error={str(r): s.relative_error for r, s in aggregator.sent.items()},
             client_processes=result.client_processes, round_seconds=round_seconds,
             client_train_seconds=result.train_seconds, refactor_seconds=aggregator.refactor_seconds,
-            aggregate_seconds=result.aggregate_seconds, **extra, **self.privacy_fields(aggregator.dp),
+            aggregate_seconds=result.aggregate_seconds, evaluate_seconds=evaluate_seconds, **scores,
+            **self.privacy_fields(aggregator.dp),
         )
 
     @staticmethod

@@ -122,7 +122,7 @@ def secure_round(
             cfg.secagg_clipping_range)
     losses = {n: float(m["train_loss"]) for n, m in result.metrics.items() if "train_loss" in m}  # withheld under DP
     loss = weighted_loss(losses, {n: float(w) for n, w in result.examples.items()}) if cfg.dp == "none" else None
-    partitions = {n: info.partition_id for n, info in aggregator.nodes.nodes.items()}
+    partitions = aggregator.nodes.partition_of()
     train_seconds = {partitions[n]: float(m["train-seconds"]) for n, m in result.metrics.items() if "train-seconds" in m}
     return RoundResult(survivors, len(nodes) - survivors, loss, train_seconds=train_seconds, min_survivors=fewest)
 

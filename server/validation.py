@@ -1,7 +1,8 @@
 """Checks every client reply must pass before it enters the aggregate.
 
-Each check raises `ReplyRejected` (or `NodeRefused` for a start-up answer) naming the node and the
-problem; the round leaves that reply out, logs the reason and counts it in the round's metrics.
+Each check raises `ReplyRejected` naming the node and the problem (the round leaves that reply out,
+logs the reason and counts it in the round's metrics), or, for a start-up answer, `NodeRefused`
+(the node is left out of the run, with the reason in summary.json).
 """
 
 from __future__ import annotations

@@ -29,9 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedllm.config import RunConfig  # noqa: E402
-from fedllm.robust import AUTO_NORM_RATIO  # noqa: E402
 from fedllm.merge import OPERATORS, RANDOMIZED, get_operator  # noqa: E402
-from fedllm.robust import cap_weights, clip_to_median  # noqa: E402
+from fedllm.robust import AUTO_NORM_RATIO, cap_weights, clip_to_median  # noqa: E402
 
 ATTACKS = ("scale", "flip", "flip+claim")
 WEIGHT_RATIO = RunConfig().max_weight_ratio

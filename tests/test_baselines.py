@@ -12,7 +12,8 @@ from fedllm.adapters import factor_key
 from fedllm.config import ConfigError, RunConfig
 from fedllm.core.aggregator import Aggregator, Contribution
 from fedllm.core.nodes import NodeInfo
-from fedllm.core.server_methods import Centralized, LocalOnly, ServerMethod, build_server_method, own_update
+from fedllm.core.server_methods import Centralized, LocalOnly, ServerMethod, build_server_method
+from fedllm.core.server_methods.local_only import own_update
 from fedllm.methods import Sent
 from fedllm.methods.lora import Layer, Lora
 

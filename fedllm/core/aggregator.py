@@ -49,11 +49,10 @@ class Contribution:
 class Aggregator:
     """ΔW_g, the server optimizer's moments, and this round's sent states; changed only here."""
 
-    def __init__(self, cfg: RunConfig, method: PeftMethod, nodes: NodeRegistry | None = None,
-                 server_method: ServerMethod | None = None) -> None:
+    def __init__(self, cfg: RunConfig, method: PeftMethod) -> None:
         self.cfg, self.method = cfg, method
-        self.nodes = nodes if nodes is not None else NodeRegistry()
-        self.server_method = server_method or build_server_method(cfg, method)
+        self.nodes = NodeRegistry()
+        self.server_method: ServerMethod = build_server_method(cfg, method)
         self.dp = ServerDp(cfg) if cfg.dp != "none" else None
         self.operator = get_operator(cfg.aggregation)
         self.operator_params = cfg.aggregation_params()
@@ -77,7 +76,13 @@ class Aggregator:
 
     @property
     def min_clients(self) -> int:
+        """Fewest valid replies a round completes with (the server method's; 1 for centralized)."""
         return self.server_method.min_clients()
+
+    @property
+    def scale(self) -> float:
+        """The operator's `scale`: what a mean operator is besides the mean (DP and secure sums apply it)."""
+        return float(self.operator_params.get("scale", 1.0))
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -142,8 +147,7 @@ class Aggregator:
         is mapped to model space first where clients sent upload coordinates)."""
         if upload_coordinates:
             mean = self.method.additive_update(mean, sent.rank)
-        scale = float(self.operator_params.get("scale", 1.0))
-        self.commit(server_round, *self.stepped({k: scale * v for k, v in mean.items()}))
+        self.commit(server_round, *self.stepped({k: self.scale * v for k, v in mean.items()}))
 
     def bounded_influence(self, contributions: list[Contribution]) -> list[Contribution]:
         """Each client's influence bounded relative to the round (`max-update-norm = 'auto'`,
@@ -168,10 +172,9 @@ class Aggregator:
         mean of the clipped updates (times the operator's scale)."""
         updates = [c.update for c in contributions]
         if self.dp is not None and self.cfg.dp == "central":
-            scale = float(self.operator_params.get("scale", 1.0))
             shapes = {module: tensor.shape for module, tensor in self.global_delta.items()}
             mean = self.dp.central_mean(updates, shapes, server_round, population=len(self.nodes.online))
-            return {k: scale * v for k, v in mean.items()}
+            return {k: self.scale * v for k, v in mean.items()}
         weights = [c.weight for c in contributions]
         return {module: self.merge_module(server_round, index, module, updates, weights)
                 for index, module in enumerate(self.global_delta)}
@@ -195,7 +198,8 @@ class Aggregator:
 
     def commit(self, server_round: int, global_delta: Delta, optimizer_state: dict[str, Delta]) -> None:
         """Take a round's result, unless its global update is not finite or absurdly large: then the
-        round fails with nothing changed (the run can resume from its last good round)."""
+        round fails before ΔW_g and the optimizer state change (the run can resume from its last
+        good round; nothing of the failed round is checkpointed)."""
         for module, tensor in global_delta.items():
             largest = float(tensor.abs().max()) if tensor.numel() else 0.0
             if not math.isfinite(largest) or largest > ABSURD_ENTRY:

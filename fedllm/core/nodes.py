@@ -68,6 +68,10 @@ class NodeRegistry:
         """The online nodes by partition, then id: the order sampling and aggregation use."""
         return sorted(self.online, key=lambda n: (self.nodes[n].partition_id, n))
 
+    def partition_of(self) -> dict[int, int]:
+        """Each admitted node's partition."""
+        return {node: info.partition_id for node, info in self.nodes.items()}
+
     def partitions(self) -> list[int]:
         """Every admitted node's partition, sorted."""
         return sorted({info.partition_id for info in self.nodes.values()})

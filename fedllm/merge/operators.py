@@ -60,7 +60,7 @@ def _intra_op_threads():
 
 
 # What kind of merge an operator is: privacy and secure aggregation read this, not name lists.
-MEAN = "mean"  # a (scaled) weighted mean: linear in the updates
+MEAN = "mean"  # `scale` × the weighted mean and nothing else (DP and secure sums compute it that way)
 CLIENT_STEP = "client-step"  # a weighted mean after a step each client takes on its own update (trim, drop)
 SIGN_CONSENSUS = "sign-consensus"  # a mean over the clients agreeing with a sign elected across clients
 ORDER_STATISTIC = "order-statistic"  # an order statistic across clients, entry by entry

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from peft import PeftConfig, PeftModel
-
 if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+
     from fedllm.config import RunConfig
 
 Tensors = dict[str, torch.Tensor]

@@ -12,14 +12,17 @@ To send the global update the server projects `ΔW_g` onto the row space of `A`:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 
 from fedllm.adapters import factor_key
 from fedllm.methods.base import PeftMethod, Sent, Tensors
 from fedllm.methods.lora import Lora
 from fedllm.seeds import frozen_a_seed
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class FfaLora(Lora):

@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from fedllm.adapters import (
-    PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, merge_into, module_names, refactor,
-    target_layers,
+    PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, is_transposed, merge_into, module_names,
+    refactor, target_layers,
 )
 from fedllm.methods.base import PeftMethod, Sent, Tensors, check_keys
 
 if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
     from fedllm.config import RunConfig
 
 VARIANTS = ("standard", "rslora", "dora")
@@ -96,7 +96,7 @@ class Lora(PeftMethod):
     @classmethod
     def for_model(cls, cfg: RunConfig, model: PreTrainedModel) -> Lora:
         layers = target_layers(model, cfg.target_modules() or default_target_modules(model))
-        shapes = {m: Layer(layer.weight.shape, isinstance(layer, Conv1D)) for m, layer in layers.items()}
+        shapes = {m: Layer(layer.weight.shape, is_transposed(layer)) for m, layer in layers.items()}
         norms = {m: row_norms(layer.weight.detach(), shapes[m].transposed) for m, layer in layers.items()}
         return cls(cfg, shapes, norms if cfg.lora_variant == "dora" else None)
 
@@ -117,6 +117,8 @@ class Lora(PeftMethod):
         return self.cfg.lora_alpha / root
 
     def peft_config(self, rank: int) -> LoraConfig:
+        from peft import LoraConfig
+
         return LoraConfig(
             r=rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
             target_modules=sorted(self.layers) if self.explicit_targets else sorted({m.rsplit(".", 1)[-1] for m in self.layers}),
@@ -195,6 +197,8 @@ class Lora(PeftMethod):
 
     def export_adapter(self, model: torch.nn.Module, global_update: Tensors, out_dir: Path, seed: int) -> float:
         """The rank-`lora-rank` adapter of `ΔW_g`, with `truncation_error.json` beside it."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
         base = copy.deepcopy(model)
         merge_into(base, self.w0, {})
         sent = self.sent_state(global_update, self.cfg.lora_rank, seed)
@@ -215,10 +219,14 @@ class Lora(PeftMethod):
     # -- the client --------------------------------------------------------------------------
 
     def install(self, model: PeftModel, adapter: str, received: Tensors) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
         expected = set(get_peft_model_state_dict(model, adapter_name=adapter))
         check_keys("the server's adapter state", received, expected)
         set_peft_model_state_dict(model, received, adapter_name=adapter)
 
     def trained(self, model: PeftModel, adapter: str) -> Tensors:
+        from peft import get_peft_model_state_dict
+
         state = get_peft_model_state_dict(model, adapter_name=adapter)
         return {k: v.detach().cpu().float() for k, v in state.items()}

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import (
-    PeftConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit,
-    get_peft_model,
-)
 
 from fedllm.methods.base import PeftMethod, Sent, Tensors, check_keys
 
 if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+
     from fedllm.config import RunConfig
 
 
@@ -63,6 +61,8 @@ class PromptLearning(PeftMethod):
 
     def evaluation_model(self, base: torch.nn.Module) -> torch.nn.Module:
         """The base model wrapped with the prompt encoder; `P0` drawn from the run seed."""
+        from peft import get_peft_model
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             model = get_peft_model(base, self.peft_config(0))
@@ -92,6 +92,8 @@ class PromptTuning(PromptLearning):
     default_learning_rate = 0.3
 
     def peft_config(self, rank: int) -> PeftConfig:
+        from peft import PromptTuningConfig, PromptTuningInit
+
         init = self.cfg.prompt_init or "vocab"
         if init.startswith("text:"):
             return PromptTuningConfig(
@@ -109,6 +111,8 @@ class PrefixTuning(PromptLearning):
     default_learning_rate = 0.1
 
     def peft_config(self, rank: int) -> PeftConfig:
+        from peft import PrefixTuningConfig
+
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens)
 
 
@@ -117,4 +121,6 @@ class PTuning(PromptLearning):
     default_learning_rate = 0.03
 
     def peft_config(self, rank: int) -> PeftConfig:
+        from peft import PromptEncoderConfig
+
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens)

@@ -8,7 +8,6 @@ from fedllm.methods import METHODS
 from fedllm.settings import ConfigError, Settings, anything, one_of, positive, setting
 
 
-
 def _is_rank_list(value: str) -> bool:
     parts = [p.strip() for p in value.split(",") if p.strip()]
     return all(p.isdigit() and int(p) > 0 for p in parts)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from fedllm.core.server_methods.base import ServerMethod
 from fedllm.core.server_methods.centralized import Centralized
-from fedllm.core.server_methods.local_only import LocalOnly, own_update
+from fedllm.core.server_methods.local_only import LocalOnly
 from fedllm.methods import PeftMethod
 
 if TYPE_CHECKING:
@@ -21,4 +21,4 @@ def build_server_method(cfg: RunConfig, method: PeftMethod) -> ServerMethod:
     return SERVER_METHODS[cfg.baseline](cfg, method)
 
 
-__all__ = ["SERVER_METHODS", "Centralized", "LocalOnly", "ServerMethod", "build_server_method", "own_update"]
+__all__ = ["SERVER_METHODS", "Centralized", "LocalOnly", "ServerMethod", "build_server_method"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fedllm.core.server_methods import SERVER_METHODS
 from fedllm.settings import ConfigError, Settings, one_of, setting
 
+
 @dataclass(frozen=True)
 class ServerMethodSettings(Settings):
     """Which server-side method runs; the references are non-private by design."""
