@@ -84,8 +84,9 @@ class FederationSettings(Settings):
     min_clients: int = setting("min-clients", 2, positive, "an integer >= 1", "fewest nodes a round may train on")
     model: str = setting(
         "model", "builtin:tiny", lambda v: bool(v.strip()),
-        "'builtin:tiny' (or tiny-8l, micro, micro-4l), a Hugging Face name or a local path",
-        "base model",
+        "'builtin:tiny' (or tiny-8l, micro, micro-4l), a Hugging Face name, a local path, a .gguf file or "
+        "'smollm2-135m-instruct'",
+        "base model (a GGUF model is converted once into the fedllm cache)",
     )
     seed: int = setting("seed", 0, lambda v: v >= 0, "an integer in [0, 2^31)", "seed of data, sampling and training")
     round_timeout: float = setting("round-timeout", 3600.0, positive, "seconds > 0", "longest wait for a round's replies")

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from fedllm.data.tasks import WARMUP_TASKS, generate
+from fedllm.gguf_models import converted, is_gguf_model
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,10 @@ def pretrain_builtin(spec: BuiltinSpec, out_dir: Path) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """The path or hub name to load for `name`, pre-training and caching a builtin model first."""
+    """The path or hub name to load for `name`: a builtin model pre-trained and cached first, a GGUF
+    file or packaged model converted and cached first (`fedllm.gguf_models`), else `name` itself."""
+    if is_gguf_model(name):
+        return str(converted(name, cache_dir()))
     if not name.startswith(BUILTIN_PREFIX):
         return name
     variant = name[len(BUILTIN_PREFIX):]
@@ -180,7 +184,7 @@ def builtin_weights_digest(name: str) -> str | None:
 
 def _unloadable(name: str, error: OSError) -> ValueError:
     return ValueError(f"model {name!r} could not be loaded ({error}); give a local folder saved with "
-                      f"save_pretrained, a reachable Hugging Face name, or 'builtin:tiny'")
+                      f"save_pretrained, a reachable Hugging Face name, a .gguf file, or 'builtin:tiny'")
 
 
 def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
