@@ -57,7 +57,9 @@ def test_emulator_weights_travel_once_per_run_not_per_round(full_and_whole_emula
         second = whole_rows[2]["client_download_bytes"][partition] - full_rows[2]["client_download_bytes"][partition]
         assert weights <= first <= 1.1 * weights, (first, weights)  # the weights, with their names and config
         assert 0 < second < 200, second  # later rounds: only the emulator's digest
-        assert whole_rows[2]["client_upload_bytes"][partition] == full_rows[2]["client_upload_bytes"][partition]
+        # the same tensors up; the reply's metrics hold the client's pid, whose varint may be a byte longer
+        uploads = (whole_rows[2]["client_upload_bytes"][partition], full_rows[2]["client_upload_bytes"][partition])
+        assert abs(uploads[0] - uploads[1]) <= 2, uploads
 
 
 def audited_uploads(audit_dir) -> list:
