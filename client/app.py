@@ -1,4 +1,5 @@
-"""The ClientApp: answer the server's node query, train from the state it sends, upload the change.
+"""The ClientApp: answer the server's node query, train from the state it sends, upload the change,
+and score the global state on the node's own held-out data when asked.
 
 Node settings come from the SuperNode's `node-config` (in simulation Flower fills in
 `partition-id` and `num-partitions`): `lora-rank` overrides the run's rank, `data-path` points
@@ -18,8 +19,11 @@ from client import faults
 from client.privacy import privatize, released_metrics, reported_examples
 from client.secure import secure_aggregation_mod, secure_reply
 from fedllm.config import RunConfig
-from fedllm.core.local import MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_round, worker_for
+from fedllm.core.local import (
+    MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_evaluation, local_round, worker_for,
+)
 from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD
+from fedllm.evaluation import POOLED
 from fedllm.logs import quiet_third_party
 from fedllm.wire import encode
 
@@ -63,6 +67,20 @@ def train(msg: Message, context: Context) -> Message:
     }))
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global state the server sent on this node's held-out examples; only the scores
+    (per task: examples, exact match, ROUGE-L, loss) leave the node."""
+    cfg, node = _setup(context)
+    scores = local_evaluation(cfg, node, worker_for(cfg), msg.content["arrays"].to_torch_state_dict())
+    tasks = list(scores.counts)
+    values = {metric: [float(scores.values[metric][t]) for t in tasks] for metric in POOLED}
+    return Message(RecordDict({
+        "tasks": ConfigRecord({"names": tasks}),
+        "scores": MetricRecord({"examples": [scores.counts[t] for t in tasks], **values}),
+    }), reply_to=msg)
 
 
 def worker_for_message(cfg: RunConfig, content: RecordDict) -> Worker:

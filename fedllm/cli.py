@@ -34,10 +34,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"fedllm run: FAILED: {error}", file=sys.stderr)
         return 1
     summary = json.loads((folder / "summary.json").read_text())
-    print(f"\nfedllm run: accuracy {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
+    print(f"\nfedllm run: {summary['metric']} {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
           f"in {summary['rounds']} rounds; outputs in {folder}")
     for task, acc in summary["per_task_accuracy"].items():
-        print(f"  {task:<10} {summary['base_per_task_accuracy'][task]:.3f} -> {acc:.3f}")
+        print(f"  {task:<10} {summary['base_per_task_accuracy'].get(task, float('nan')):.3f} -> {acc:.3f}")
     return 0
 
 

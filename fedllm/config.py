@@ -20,6 +20,7 @@ from typing import Any
 from fedllm.core.server_methods.settings import ServerMethodSettings
 from fedllm.data.settings import DataSettings
 from fedllm.emulator import EmulatorSettings
+from fedllm.evaluation import EvaluationSettings
 from fedllm.merge.settings import MergeSettings
 from fedllm.methods.settings import MethodSettings
 from fedllm.privacy.settings import PrivacySettings
@@ -147,7 +148,8 @@ class OutputSettings(Settings):
 # two problems the first named is the merge's, then the method's, privacy's, the baseline's, ...
 SUBSYSTEMS: tuple[type[Settings], ...] = (
     FederationSettings, TrainingSettings, MergeSettings, OptimizerSettings, MethodSettings, WireSettings,
-    PrivacySettings, ServerMethodSettings, EmulatorSettings, DataSettings, RobustSettings, OutputSettings,
+    PrivacySettings, ServerMethodSettings, EmulatorSettings, DataSettings, EvaluationSettings, RobustSettings,
+    OutputSettings,
 )
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedllm.settings import ConfigError, Settings, one_of, setting
+from fedllm.settings import ConfigError, Settings, choice, setting
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -294,8 +294,8 @@ class EmulatorSettings(Settings):
         "emulator-distill-steps", 0, lambda v: v >= 0, "an integer >= 0 (0: off)",
         "emulators: steps of layer-wise distillation of their middle layers on the public warm-up tasks, on the server",
     )
-    emulator_adapters: str = setting(
-        "emulator-adapters", "kept", lambda v: v in ADAPTER_PLACES, one_of(ADAPTER_PLACES),
+    emulator_adapters: str = choice(
+        "emulator-adapters", "kept", ADAPTER_PLACES,
         "emulators: adapters on every kept layer, or on the first and last only (Offsite-Tuning's adapter: the "
         "layers that are exact copies of the full model's)",
     )

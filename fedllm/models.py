@@ -122,6 +122,7 @@ def builtin_config(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerBase) -> Lla
 
 def pretrain_builtin(spec: BuiltinSpec, out_dir: Path) -> None:
     """Train the embedded model from scratch on the warm-up tasks and save it to `out_dir`."""
+    from fedllm.data.format import Prompter
     from fedllm.train import encode, train_steps  # train imports models for types only
 
     torch.manual_seed(spec.seed)
@@ -129,7 +130,7 @@ def pretrain_builtin(spec: BuiltinSpec, out_dir: Path) -> None:
     tokenizer = char_tokenizer()
     model = LlamaForCausalLM(builtin_config(spec, tokenizer))
     corpus = generate(WARMUP_TASKS, per_task=2000, seed=spec.seed)
-    data = encode(tokenizer, corpus, spec.max_positions)
+    data = encode(Prompter(tokenizer), corpus, spec.max_positions)
     started = time.perf_counter()
 
     def report(step: int, loss: float) -> None:

@@ -7,7 +7,7 @@ means (the README's key table is generated from these).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,12 @@ class ConfigError(ValueError):
 def setting(key: str, default: Any, check: Callable[[Any], bool], accepts: str, doc: str) -> Any:
     """A dataclass field declaring run-config `key`."""
     return field(default=default, metadata={"check": check, "accepts": accepts, "doc": doc, "key": key})
+
+
+def choice(key: str, default: str, names: Collection[str], doc: str) -> Any:
+    """A key whose value is one of `names`: a registry (read when checking, so later entries count)
+    or a tuple of words."""
+    return setting(key, default, lambda v: v in names, one_of(names), doc)
 
 
 def one_of(names: Iterable[str]) -> str:

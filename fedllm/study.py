@@ -156,19 +156,35 @@ def _completed(folder: Path, planned: PlannedRun) -> bool:
 
 
 def _summary_fields(folder: Path) -> dict[str, Any]:
-    summary = json.loads((folder / "summary.json").read_text())
-    client_rounds = sum(row.get("clients", 0) for row in _metrics(folder)[1:])
+    summary, rows = json.loads((folder / "summary.json").read_text()), _metrics(folder)
+    client_rounds = sum(row.get("clients", 0) for row in rows[1:])
     fields = {
         "final_accuracy": summary["final_accuracy"], "base_accuracy": summary["base_accuracy"],
         "upload_bytes": summary["upload_bytes"], "download_bytes": summary["download_bytes"],
         "upload_per_client_round": round(summary["upload_bytes"] / max(client_rounds, 1)),
         "wall_seconds": round(summary["wall_seconds"], 1),
+        **_round_seconds(rows),
         **{f"acc_{task}": acc for task, acc in summary["per_task_accuracy"].items()},
     }
     for optional in ("epsilon", "base_weights"):
         if summary.get(optional) is not None:
             fields[optional] = summary[optional]
     return fields
+
+
+def _round_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per round of a client's local training, the server's work (re-factoring and
+    merging) and evaluation (over the rounds scored)."""
+    trained, scored = rows[1:], [r for r in rows if "evaluate_seconds" in r]
+    if not trained:
+        return {}
+    per_client = [statistics.fmean(r["client_train_seconds"].values()) for r in trained if r.get("client_train_seconds")]
+    return {
+        "train_seconds_round": round(statistics.fmean(per_client), 1) if per_client else 0.0,
+        "server_seconds_round": round(statistics.fmean(r.get("refactor_seconds", 0.0) + r.get("aggregate_seconds", 0.0)
+                                                       for r in trained), 1),
+        "evaluate_seconds_round": round(statistics.fmean(r["evaluate_seconds"] for r in scored), 1) if scored else 0.0,
+    }
 
 
 def _setting(row: dict[str, Any], key: str) -> Any:
@@ -200,7 +216,8 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         if "final_accuracy" in row:
             groups.setdefault(tuple(_setting(row, k) for k in keys), []).append(row)
     tasks = list(dict.fromkeys(k for row in rows for k in row if k.startswith("acc_")))
-    header = keys + ["seeds", "final accuracy (mean ± std)", "upload / client / round", "wall time"]
+    header = keys + ["seeds", "base", "final accuracy (mean ± std)", "upload / client / round",
+                     "s / round: client train · server · evaluation", "wall time"]
     header += [t[len("acc_"):] for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ranked = sorted(groups.items(), key=lambda item: -statistics.fmean(r["final_accuracy"] for r in item[1]))
@@ -210,8 +227,12 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         per_task = [f"{statistics.fmean(r[t] for r in members):.2f}" for t in tasks]
         upload = statistics.fmean(r["upload_per_client_round"] for r in members)
         wall = statistics.fmean(r["wall_seconds"] for r in members)
+        base = statistics.fmean(r["base_accuracy"] for r in members)
+        split = " · ".join(f"{statistics.fmean(r.get(k, 0.0) for r in members):.1f}"
+                           for k in ("train_seconds_round", "server_seconds_round", "evaluate_seconds_round"))
         cells = [f"`{v}`" if v != "" else "–" for v in setting]  # '' is an unset optional key
-        cells += [str(len(accs)), f"{statistics.fmean(accs):.3f} ± {spread:.3f}", _kib(upload), f"{wall:.0f} s"] + per_task
+        cells += [str(len(accs)), f"{base:.3f}", f"{statistics.fmean(accs):.3f} ± {spread:.3f}", _kib(upload), split,
+                  f"{wall:.0f} s"] + per_task
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

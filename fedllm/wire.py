@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedllm.settings import Settings, one_of, setting
+from fedllm.settings import Settings, choice, setting
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_SUFFIX, VALUE_SUFFIX = "::idx", "::val"
@@ -134,8 +134,8 @@ def decode(wire: dict[str, np.ndarray], shapes: dict[str, torch.Size], codec: Up
 class WireSettings(Settings):
     """How client uploads are encoded on the wire."""
 
-    upload_dtype: str = setting(
-        "upload-dtype", "float32", lambda v: v in DTYPES, one_of(DTYPES),
+    upload_dtype: str = choice(
+        "upload-dtype", "float32", DTYPES,
         "number format of client uploads on the wire (aggregation stays float32)",
     )
     upload_sparsity: float | None = setting(

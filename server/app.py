@@ -57,8 +57,10 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     out_dir = output_dir_for(cfg)
     log(INFO, "fedllm run: outputs in %s", out_dir)
-    _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
-                          test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+    # with evaluation = 'clients' the server reads no data at all
+    _, test = ([], []) if cfg.evaluation == "clients" else load_splits(
+        cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task, test_per_task=cfg.test_per_task,
+        test_fraction=cfg.test_fraction)
     resumed = resumed_state(cfg, out_dir)
     server = ServerModel(cfg, test)
     aggregator = Aggregator(cfg, server.method)
@@ -81,5 +83,5 @@ def main(grid: Grid, context: Context) -> None:
         base_weights=builtin_weights_digest(cfg.model),
         **({"emulators": emulators.report()} if emulators is not None else {}),
     )
-    log(INFO, "done: accuracy %.3f -> %.3f over %d rounds; outputs in %s",
+    log(INFO, "done: %s %.3f -> %.3f over %d rounds; outputs in %s", summary["metric"],
         summary["base_accuracy"], summary["final_accuracy"], summary["rounds"], out_dir)

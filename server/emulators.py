@@ -27,6 +27,7 @@ from fedllm.emulator import (
     with_state,
 )
 from fedllm.methods import Sent
+from fedllm.data.format import Prompter
 from fedllm.train import encode
 from fedllm.core.server_model import ServerModel
 
@@ -94,7 +95,7 @@ class EmulatorFleet:
         """`emulator` with its middle layers distilled on the warm-up tasks (public data)."""
         tokenizer, steps = self.server.tokenizer, self.cfg.emulator_distill_steps
         examples = generate(WARMUP_TASKS, per_task=DISTILL_EXAMPLES_PER_TASK * 11 // 10, seed=self.cfg.seed)
-        data = encode(tokenizer, examples, 512)
+        data = encode(Prompter(tokenizer, self.cfg.prompt_format), examples, 512)
         held_out, train = data[::11], [d for i, d in enumerate(data) if i % 11]
         teacher = copy.deepcopy(self.server.model)
         teacher.load_state_dict(base, strict=False)

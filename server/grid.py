@@ -44,8 +44,11 @@ class MeteredGrid(Grid):
         self.asked: dict[str, int] = {}  # message id -> node it was sent to
         self.audited = 0
 
-    def reset_counts(self) -> None:
+    def take_counts(self) -> tuple[Counter[int], Counter[int]]:
+        """Bytes sent to and received from each node since the last call; the counts restart."""
+        counts = self.sent, self.received
         self.sent, self.received = Counter(), Counter()
+        return counts
 
     def set_run(self, run):  # noqa: ANN001, ANN201 - Flower's own signature
         return self.grid.set_run(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 from logging import INFO, WARNING
 
 from flwr.app import Context
@@ -13,6 +14,7 @@ from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
 from fedllm.core.aggregator import Aggregator
 from fedllm.core.server_model import ServerModel
 from server.emulators import EmulatorFleet
+from server.evaluate import evaluate_round
 from server.grid import MeteredGrid
 from server.nodes import refresh_nodes
 from server.plain import Transport, plain_round
@@ -31,6 +33,10 @@ class Run:
     recorder: RunRecorder
     emulators: EmulatorFleet | None = None  # when nodes may train on emulators
 
+    def evaluate(self, server_round: int, rounds: int, timeout: float) -> dict[str, Any]:
+        """The round's evaluation fields ({} on a round `evaluate-every` skips)."""
+        return evaluate_round(self.grid, self.aggregator, self.server, server_round, rounds, timeout)
+
     def play(self, server_round: int, rounds: int, timeout: float) -> RoundResult:
         """One round of the run's kind, ΔW_g updated in the aggregator."""
         if self.aggregator.cfg.secure_aggregation:
@@ -43,8 +49,7 @@ def run_rounds(run: Run, rounds: int, timeout: float, resumed: RunState | None =
     atomically after round 0 and after every completed round."""
     aggregator, dp, recorder = run.aggregator, run.aggregator.dp, run.recorder
     refresh_nodes(run.grid, aggregator, run.emulators, timeout, wait=True)
-    first = start(run) if resumed is None else resume(run, resumed)
-    base = recorder.rounds[0]["accuracy"]
+    first = start(run, rounds, timeout) if resumed is None else resume(run, resumed)
     for server_round in range(first, rounds + 1):
         if dp is not None and not dp.allows_another_round():
             recorder.stop_reason = (f"stopped before round {server_round}: it would take ε past dp-target-epsilon "
@@ -55,29 +60,31 @@ def run_rounds(run: Run, rounds: int, timeout: float, resumed: RunState | None =
         started = time.perf_counter()
         if server_round > first:
             refresh_nodes(run.grid, aggregator, run.emulators, timeout)
-        run.grid.reset_counts()
+        run.grid.take_counts()
         result = run.play(server_round, rounds, timeout)
         if dp is not None:
             dp.complete_round(result.clients, result.min_survivors)
-        evaluating = time.perf_counter()
-        per_task, scores = aggregator.server_method.evaluate(aggregator, run.server)
-        evaluate_seconds = time.perf_counter() - evaluating
-        row = recorder.record_round(server_round, per_task, scores, result, aggregator, run.grid, evaluate_seconds,
+        traffic = run.grid.take_counts()
+        evaluation = run.evaluate(server_round, rounds, timeout)
+        row = recorder.record_round(server_round, evaluation, result, aggregator, traffic, run.grid.take_counts(),
                                     round_seconds=time.perf_counter() - started)
         checkpoint(run, server_round)
         loss = "withheld (DP)" if row["train_loss"] is None else f"{row['train_loss']:.3f}"
-        log(INFO, "round %d/%d: accuracy %.3f (base %.3f), train loss %s, %.1f s",
-            server_round, rounds, row["accuracy"], base, loss, row["round_seconds"])
+        scored = (f"{aggregator.cfg.metric} {row['accuracy']:.3f} (base {recorder.rounds[0]['accuracy']:.3f})"
+                  if "accuracy" in row else f"not evaluated (evaluate-every {aggregator.cfg.evaluate_every})")
+        log(INFO, "round %d/%d: %s, train loss %s, %.1f s", server_round, rounds, scored, loss, row["round_seconds"])
 
 
-def start(run: Run) -> int:
+def start(run: Run, rounds: int, timeout: float) -> int:
     """Round 0: the base model evaluated and checkpointed. Returns the first round to train."""
     run.aggregator.start()
-    per_task, scores = run.aggregator.server_method.evaluate(run.aggregator, run.server)
-    row = run.recorder.record(0, per_task, train_loss=None, upload_bytes=0, download_bytes=0, round_seconds=0.0,
-                              **scores, **run.recorder.privacy_fields(run.aggregator.dp))
+    run.grid.take_counts()
+    evaluation = run.evaluate(0, rounds, timeout)
+    row = run.recorder.record(0, **evaluation, **run.recorder.evaluation_traffic(run.grid.take_counts()),
+                              train_loss=None, upload_bytes=0, download_bytes=0, round_seconds=0.0,
+                              **run.recorder.privacy_fields(run.aggregator.dp))
     checkpoint(run, 0)
-    log(INFO, "round 0: base model accuracy %.3f", row["accuracy"])
+    log(INFO, "round 0: base model %s %.3f", run.aggregator.cfg.metric, row["accuracy"])
     return 1
 
 
@@ -88,7 +95,8 @@ def resume(run: Run, resumed: RunState) -> int:
     restore_rng(resumed.rng)
     if run.aggregator.dp is not None:
         run.aggregator.dp.restore(run.recorder.rounds)
-    log(INFO, "resuming after round %d; base model accuracy %.3f", resumed.round, run.recorder.rounds[0]["accuracy"])
+    log(INFO, "resuming after round %d; base model %s %.3f", resumed.round, run.aggregator.cfg.metric,
+        run.recorder.rounds[0]["accuracy"])
     return resumed.round + 1
 
 

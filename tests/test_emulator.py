@@ -211,13 +211,14 @@ def test_client_model_keys_are_checked_at_the_edge():
 
 def test_a_node_without_the_builtin_model_makes_the_same_tokenizer(tmp_path, monkeypatch):
     from fedllm.data import builtin_suite
+    from fedllm.data.format import Prompter
     from fedllm.train import encode
 
     examples = builtin_suite(5, 1, 0)[0]
-    saved = encode(load_tokenizer("builtin:micro-4l"), examples, 128)
+    saved = encode(Prompter(load_tokenizer("builtin:micro-4l")), examples, 128)
     monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))  # nothing built here: the tokenizer is made afresh
     assert not any(tmp_path.iterdir())
-    assert encode(load_tokenizer("builtin:micro-4l"), examples, 128) == saved
+    assert encode(Prompter(load_tokenizer("builtin:micro-4l")), examples, 128) == saved
 
 
 @pytest.mark.parametrize("method", ["lora", "ffa-lora"])

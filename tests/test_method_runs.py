@@ -18,7 +18,8 @@ from fedllm.data import load_splits
 from fedllm.methods import build_method
 from fedllm.models import load_model
 from fedllm.seeds import refactor_seed
-from fedllm.train import evaluate
+from fedllm.data.format import Prompter
+from fedllm.evaluation import EXACT_MATCH, score
 from tests.conftest import simulate
 from tests.reply_size import serialized_reply_size
 
@@ -84,7 +85,8 @@ def test_the_exported_adapter_reproduces_the_reported_accuracy(run):
     adapter = PeftModel.from_pretrained(load_model(cfg.model)[0], str(out / "adapter"))
     _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
-    assert evaluate(adapter, load_model(cfg.model)[1], test) == summary["per_task_accuracy"]
+    prompter = Prompter(load_model(cfg.model)[1], cfg.prompt_format)
+    assert score(adapter, prompter, test).values[EXACT_MATCH] == summary["per_task_accuracy"]
 
 
 def test_reported_upload_bytes_are_the_serialized_reply(run):

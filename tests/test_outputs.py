@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from fedllm.config import RunConfig
+from fedllm.evaluation import EXACT_MATCH, LOSS, ROUGE_L, Scores
 from fedllm.outputs import EarlierRunError, UnsafeOutputError, claim_output_folder, make_private
 from server.record import RunRecorder, output_dir_for
 
@@ -17,12 +18,18 @@ def mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def scored(per_task: dict[str, float]) -> dict:
+    """A row's evaluation fields for these exact-match scores (one example per task)."""
+    values = {EXACT_MATCH: per_task, ROUGE_L: per_task, LOSS: dict.fromkeys(per_task, 1.0)}
+    return Scores(dict.fromkeys(per_task, 1), values).fields(EXACT_MATCH)
+
+
 def finished_run(folder) -> dict[str, bytes]:
     """A folder as a finished run leaves it; returns every file's bytes."""
     cfg = RunConfig.from_flower({"output-dir": str(folder)})
     recorder = RunRecorder(output_dir_for(cfg), cfg)
     for r in range(3):
-        recorder.record(r, {"copy": r / 4, "reverse": r / 8}, train_loss=None if r == 0 else 1.0 / r)
+        recorder.record(r, **scored({"copy": r / 4, "reverse": r / 8}), train_loss=None if r == 0 else 1.0 / r)
     recorder.finish()
     (folder / "checkpoints").mkdir()
     (folder / "checkpoints" / "round-0002.safetensors").write_bytes(b"state")
@@ -84,7 +91,7 @@ def test_make_private_tightens_a_tree_and_removes_links_inside(tmp_path):
 def test_the_secret_noise_seed_is_not_in_the_summary(tmp_path):
     cfg = RunConfig.from_flower({"output-dir": str(tmp_path), "dp": "central", "secret-seed": 424242})
     recorder = RunRecorder(output_dir_for(cfg), cfg)
-    recorder.record(0, {"copy": 0.0})
+    recorder.record(0, **scored({"copy": 0.0}))
     recorder.finish()
     text = (tmp_path / "summary.json").read_text()
     assert "424242" not in text and "secret-seed" not in json.loads(text)["config"]

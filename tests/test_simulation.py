@@ -15,7 +15,8 @@ from fedllm.data import load_splits
 from fedllm.launch import RunFailed, run_simulation
 from fedllm.methods import build_method
 from fedllm.models import load_model
-from fedllm.train import evaluate
+from fedllm.data.format import Prompter
+from fedllm.evaluation import EXACT_MATCH, score
 from tests.conftest import PROJECT, simulate
 from tests.reply_size import serialized_reply_size
 
@@ -56,7 +57,7 @@ def test_exported_model_reproduces_the_reported_accuracy(small_run):
     cfg = RunConfig.from_flower(summary["config"])
     _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
-    assert evaluate(model, tokenizer, test) == summary["per_task_accuracy"]
+    assert score(model, Prompter(tokenizer, cfg.prompt_format), test).values[EXACT_MATCH] == summary["per_task_accuracy"]
 
 
 def test_adapter_loads_in_peft_and_differs_from_the_model_by_its_reported_error(small_run, builtin_path):

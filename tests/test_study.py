@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import sys
 
@@ -83,10 +84,13 @@ model = "builtin:nonexistent"
     report = (out / "report.md").read_text()
     for baseline in ("centralized", "local-only"):
         accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
+        base = statistics.fmean(s["base_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline)
         assert len(accs) == 2
         assert f"`{baseline}`" in report
-        assert f"| 2 | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in report
+        assert f"| 2 | {base:.3f} | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in report
     assert "## Failed runs" in report and (out / "accuracy_per_round.png").exists()
+    times = [float(t) for t in re.findall(r"\| (\d+\.\d) · (?:\d+\.\d) · (?:\d+\.\d) \|", report)]
+    assert len(times) == 2 and all(t > 0 for t in times), "client training time per round, per setting"
 
     for name, summary in summaries.items():
         folder, last = out / "runs" / name, read_rows(out / "runs" / name)[-1]
@@ -114,7 +118,7 @@ model = "builtin:nonexistent"
     assert "4 of 5 runs finished" in section and "Not run (or failed)" in section
     for baseline in ("centralized", "local-only"):
         accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
-        assert f"| 2 | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in section
+        assert f" | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in section
     assert (tmp_path / "docs" / "results" / "tiny" / "accuracy_per_round.png").exists()
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fedllm.data.tasks import SUITE_TASKS, WARMUP_TASKS, builtin_suite, generate
+import re
+
+from fedllm.data import load_splits
+from fedllm.data.tasks import STRUCTURED_TASKS, SUITE_TASKS, WARMUP_TASKS, builtin_suite, generate
 
 
 def test_generation_is_deterministic_from_the_seed():
@@ -34,3 +37,23 @@ def test_suite_answers_are_exact_and_never_the_input():
     for example in train:
         assert example.output == checks[example.task](example.input)
         assert example.output != example.input
+
+
+def test_the_structured_suite_answers_follow_from_their_inputs_and_its_description_varies_in_wording():
+    train, test = load_splits("builtin:structured", seed=1, train_per_task=30, test_per_task=5, test_fraction=0.1)
+    assert not {e.input for e in test} & {e.input for e in train}
+    rules = {
+        "date": lambda x: "/".join(reversed(x.split("-"))),
+        "sort": lambda x: ", ".join(map(str, sorted(int(n) for n in x.split(", ")))),
+        "domain": lambda x: x.split("@")[1],
+        "field": lambda x: re.search(r'"city": "(\w+)"', x).group(1),
+        "initials": lambda x: "".join(part[0] + "." for part in x.split()),
+    }
+    for example in train + test:
+        if example.task in rules:
+            assert example.output == rules[example.task](example.input), example
+        else:  # describe: every field of the record in the sentence, worded one of several ways
+            fields = dict(part.split("=") for part in example.input.split("; "))
+            assert all(value in example.output for value in fields.values()), example
+    assert len({e.output.split()[0] for e in train if e.task == "describe"}) > 1
+    assert {t.name for t in STRUCTURED_TASKS} == {e.task for e in test}

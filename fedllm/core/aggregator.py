@@ -109,6 +109,13 @@ class Aggregator:
         """What `node_id` is sent this round."""
         return self.sent[self.server_method.key(self.nodes.nodes[node_id])]
 
+    def evaluation_states(self, server_round: int, node_ids: list[int]) -> dict[int, Sent]:
+        """What each node scores after `server_round` (evaluation where the data lives): ΔW_g as the
+        next round will send it. This round's sent states are left as they are."""
+        nodes = [self.nodes.nodes[n] for n in node_ids]
+        states = self.server_method.states(self, server_round + 1, nodes)
+        return {n: states[self.server_method.key(info)] for n, info in zip(node_ids, nodes)}
+
     def train_config(self, server_round: int) -> dict[str, Any]:
         """What every sampled node is told besides its state."""
         return {"server-round": server_round, **self.server_method.train_config(self)}

@@ -21,7 +21,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedllm.config import RunConfig
 from fedllm.data import Example, client_share, load_examples, load_splits
+from fedllm.data.format import Prompter
 from fedllm.emulator import FULL, EmulatorError, LayerMap, instantiate, load_cached, save_cached, verified
+from fedllm.evaluation import Scores, context_length, score
 from fedllm.methods import PeftMethod, Tensors, build_method
 from fedllm.models import cache_dir, load_model, load_tokenizer, pick_device
 from fedllm.seeds import local_training_seed
@@ -60,25 +62,49 @@ class Worker:
     def training_data(self, cfg: RunConfig, node: NodeSettings) -> list[Encoded]:
         """This client's training examples, encoded once."""
         key = (node.data_path, cfg.dataset, cfg.partition, node.partition_id, node.num_partitions, cfg.seed,
-               cfg.train_per_task, cfg.baseline)
+               cfg.train_per_task, cfg.baseline, cfg.evaluation, cfg.prompt_format)
         if key not in self.data:
             context = getattr(self.base.config, "max_position_embeddings", 512) - self.method.virtual_tokens()
-            self.data[key] = encode(self.tokenizer, client_examples(cfg, node), min(context, 512))
+            self.data[key] = encode(Prompter(self.tokenizer, cfg.prompt_format), client_examples(cfg, node), min(context, 512))
         return self.data[key]
 
 
 def client_examples(cfg: RunConfig, node: NodeSettings) -> list[Example]:
-    """The node's own file, or its share of the run's dataset (all of it for the centralized baseline)."""
+    """The node's training examples: its own file (less its held-out share when clients evaluate),
+    or its share of the run's dataset (all of it for the centralized baseline)."""
     if node.data_path and cfg.baseline == "centralized":
         raise ValueError("baseline 'centralized' pools the run's dataset, which a node's own data-path is not "
                          "part of; run the baseline in simulation")
     if node.data_path:
-        return load_examples(node.data_path)
-    train, _ = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
-                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+        return own_splits(cfg, node.data_path)[0] if cfg.evaluation != "server" else load_examples(node.data_path)
+    train, _ = run_splits(cfg)
     if cfg.baseline == "centralized":
         return train
     return client_share(train, cfg.partition, node.partition_id, node.num_partitions, cfg.seed)
+
+
+def client_test_examples(cfg: RunConfig, node: NodeSettings) -> list[Example]:
+    """What the node scores the global model on: the held-out share of its own file, or its share
+    of the run's test split (partitioned as the training split, so it follows the node's tasks)."""
+    if node.data_path:
+        return own_splits(cfg, node.data_path)[1]
+    _, test = run_splits(cfg)
+    try:
+        return client_share(test, cfg.partition, node.partition_id, node.num_partitions, cfg.seed)
+    except ValueError as error:
+        raise ValueError(f"the test split cannot give every client a held-out share ({error}); raise "
+                         "test-per-task / test-fraction or use evaluation = 'server'") from None
+
+
+def run_splits(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
+    return load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
+                       test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+
+
+def own_splits(cfg: RunConfig, path: str) -> tuple[list[Example], list[Example]]:
+    """A node's own file split as the run splits a file dataset (`test-fraction` of each task held out)."""
+    return load_splits(path, seed=cfg.seed, train_per_task=cfg.train_per_task, test_per_task=cfg.test_per_task,
+                       test_fraction=cfg.test_fraction)
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,14 @@ def local_round(
     update, loss = train_round(cfg, worker.method, model, adapter, received, data, steps,
                                local_training_seed(cfg.seed, server_round, node.partition_id), worker.tokenizer.pad_token_id)
     return LocalResult(update, loss, len(data), time.perf_counter() - started)
+
+
+def local_evaluation(cfg: RunConfig, node: NodeSettings, worker: Worker, received: Tensors) -> Scores:
+    """Score the received global state on the node's held-out examples."""
+    model, adapter = worker.adapter(node.rank)
+    worker.method.install(model, adapter, received)
+    return score(model, Prompter(worker.tokenizer, cfg.prompt_format), client_test_examples(cfg, node),
+                 max_length=context_length(model))
 
 
 def train_round(

@@ -8,7 +8,8 @@ from fedllm.config import RunConfig
 from fedllm.data import Example
 from fedllm.methods import Tensors, build_method
 from fedllm.models import load_model, pick_device
-from fedllm.train import context_length, evaluate
+from fedllm.data.format import Prompter
+from fedllm.evaluation import Scores, context_length, score
 
 
 class ServerModel:
@@ -20,11 +21,12 @@ class ServerModel:
         base, self.tokenizer = load_model(cfg.model, pick_device())
         self.method = build_method(cfg, base)
         self.model = self.method.evaluation_model(base)
+        self.prompter = Prompter(self.tokenizer, cfg.prompt_format)
 
-    def evaluate(self, global_update: Tensors) -> dict[str, float]:
-        """Per-task exact-match accuracy of the server model on the held-out test split."""
+    def evaluate(self, global_update: Tensors) -> Scores:
+        """The server model's scores on the held-out test split."""
         self.method.install_global(self.model, global_update)
-        return evaluate(self.model, self.tokenizer, self.test, max_length=context_length(self.model))
+        return score(self.model, self.prompter, self.test, max_length=context_length(self.model))
 
     def export(self, global_update: Tensors, out_dir: Path) -> float:
         """Save `adapter/` (peft's format) and, where the method merges into weights, `model/`

@@ -8,17 +8,19 @@ from fedllm.data.example import Example
 from fedllm.data.files import DatasetError, load_examples, load_hf_dataset
 from fedllm.data.partition import PartitionScheme, describe_partitions, parse_partition, partition_indices
 from fedllm.data.split import train_test_split
-from fedllm.data.tasks import SUITE_TASKS, WARMUP_TASKS, builtin_suite
+from fedllm.data.tasks import STRUCTURED_TASKS, SUITE_TASKS, WARMUP_TASKS, builtin_suite
 
 HF_PREFIX = "hf:"
+BUILTIN_SUITES = {"builtin": SUITE_TASKS, "builtin:structured": STRUCTURED_TASKS}
 
 
 def load_splits(
     dataset: str, *, seed: int, train_per_task: int, test_per_task: int, test_fraction: float
 ) -> tuple[list[Example], list[Example]]:
-    """Train and test examples of `dataset`: 'builtin', 'hf:<name>', or a local file path."""
-    if dataset == "builtin":
-        return builtin_suite(train_per_task, test_per_task, seed)
+    """Train and test examples of `dataset`: 'builtin' (or 'builtin:structured'), 'hf:<name>', or a
+    local file path."""
+    if dataset in BUILTIN_SUITES:
+        return builtin_suite(train_per_task, test_per_task, seed, BUILTIN_SUITES[dataset])
     if dataset.startswith(HF_PREFIX):
         examples = load_hf_dataset(dataset[len(HF_PREFIX):])
     else:

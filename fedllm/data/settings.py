@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedllm.data.partition import parse_partition
-from fedllm.settings import Settings, positive, setting
+from fedllm.data.format import PROMPT_FORMATS
+from fedllm.settings import Settings, choice, positive, setting
 
 
 def _is_partition(value: str) -> bool:
@@ -23,14 +24,20 @@ class DataSettings(Settings):
 
     dataset: str = setting(
         "dataset", "builtin", lambda v: bool(v.strip()),
-        "'builtin', a local .json/.jsonl/.csv file, or 'hf:<name>'", "instruction data",
+        "'builtin', 'builtin:structured', a local .json/.jsonl/.csv file, or 'hf:<name>'",
+        "instruction data ('builtin:structured': record tasks for real pretrained models)",
     )
     partition: str = setting(
         "partition", "dirichlet:0.5", _is_partition, "'iid', 'dirichlet:<alpha>' or 'pathological:<k>'",
         "how training data is split across clients",
     )
-    train_per_task: int = setting("train-per-task", 400, positive, "an integer >= 1", "built-in suite: training examples per task")
-    test_per_task: int = setting("test-per-task", 40, positive, "an integer >= 1", "built-in suite: test examples per task")
+    train_per_task: int = setting("train-per-task", 400, positive, "an integer >= 1", "built-in suites: training examples per task")
+    test_per_task: int = setting("test-per-task", 40, positive, "an integer >= 1", "built-in suites: test examples per task")
     test_fraction: float = setting(
         "test-fraction", 0.1, lambda v: 0 < v < 1, "a number in (0, 1)", "file datasets: share held out for evaluation"
+    )
+    prompt_format: str = choice(
+        "prompt-format", "auto", PROMPT_FORMATS,
+        "how examples are laid out: fedllm's plain 'instruction, input, >' or the tokenizer's chat template "
+        "(auto: chat when the model has one); only the answer is learned",
     )

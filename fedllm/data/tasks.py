@@ -5,6 +5,10 @@ Two disjoint families share one prompt format:
   and to copy letters; fedllm pre-trains the embedded model on them.
 - SUITE_TASKS rearrange the input's letters in ways the base model has never seen; federated
   fine-tuning must teach them. Every suite answer differs from the input, so copying scores 0.
+
+A third, STRUCTURED_TASKS (`dataset = 'builtin:structured'`), is for real pretrained models: records
+to read and rewrite in an exact format, which a chat model answers in words of its own unless
+fine-tuned, and a free-form description whose wording varies (scored fairly only by ROUGE-L).
 """
 
 from __future__ import annotations
@@ -70,6 +74,57 @@ WARMUP_TASKS: tuple[Task, ...] = (
 )
 
 
+def _date(rng: random.Random) -> tuple[str, str]:
+    year, month, day = rng.randint(1950, 2030), rng.randint(1, 12), rng.randint(1, 28)
+    return f"{year}-{month:02d}-{day:02d}", f"{day:02d}/{month:02d}/{year}"
+
+
+def _sorted_numbers(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(1, 100), rng.randint(3, 5))
+    return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
+
+
+NAMES = ("ann", "bo", "chen", "dara", "eli", "fatima", "goran", "hana", "ivo", "jun", "kofi", "lena", "mateo",
+         "nia", "omar", "priya", "quinn", "rosa", "sven", "tariq", "uma", "vera", "wen", "yusuf", "zoe")
+SURNAMES = ("lee", "okafor", "novak", "silva", "tanaka", "moreau", "haddad", "kowal", "berg", "ruiz", "singh", "ito")
+PLACES = ("oslo", "lima", "accra", "hanoi", "quito", "porto", "turku", "cusco", "dakar", "kyoto", "perth", "split")
+ITEMS = ("lamp", "chair", "kettle", "backpack", "clock", "mug", "scarf", "desk", "bicycle", "blanket")
+COLORS = ("red", "blue", "green", "black", "white", "yellow", "grey", "brown")
+
+
+def _domain(rng: random.Random) -> tuple[str, str]:
+    domain = f"{rng.choice(PLACES)}{rng.choice(('-labs', 'mail', '-health', 'works'))}.{rng.choice(('org', 'com', 'net'))}"
+    return f"{rng.choice(NAMES)}.{rng.choice(SURNAMES)}@{domain}", domain
+
+
+def _field(rng: random.Random) -> tuple[str, str]:
+    name, city = rng.choice(NAMES).title(), rng.choice(PLACES).title()
+    return f'{{"name": "{name}", "city": "{city}", "age": {rng.randint(18, 90)}}}', city
+
+
+def _initials(rng: random.Random) -> tuple[str, str]:
+    first, last = rng.choice(NAMES).title(), rng.choice(SURNAMES).title()
+    return f"{first} {last}", f"{first[0]}.{last[0]}."
+
+
+def _description(rng: random.Random) -> tuple[str, str]:
+    item, color, price = rng.choice(ITEMS), rng.choice(COLORS), rng.randint(5, 250)
+    sentence = rng.choice(("A {c} {i} that costs {p} dollars.", "This {c} {i} sells for {p} dollars.",
+                           "The {i} is {c} and costs {p} dollars."))
+    return f"item={item}; color={color}; price={price}", sentence.format(i=item, c=color, p=price)
+
+
+STRUCTURED_TASKS: tuple[Task, ...] = (
+    Task("date", "Rewrite the date as DD/MM/YYYY. Answer with the date only.", _date),
+    Task("sort", "Sort the numbers from smallest to largest, separated by commas. Answer with the numbers only.",
+         _sorted_numbers),
+    Task("domain", "Give the domain of the email address. Answer with the domain only.", _domain),
+    Task("field", "Give the value of the field city in the record. Answer with the value only.", _field),
+    Task("initials", "Give the initials of the name, each followed by a dot. Answer with the initials only.", _initials),
+    Task("describe", "Describe the product in one sentence.", _description),
+)
+
+
 def generate(tasks: tuple[Task, ...], per_task: int, seed: int) -> list[Example]:
     """`per_task` distinct examples of each task, deterministic from `seed`."""
     examples: list[Example] = []
@@ -88,12 +143,13 @@ def generate(tasks: tuple[Task, ...], per_task: int, seed: int) -> list[Example]
     return examples
 
 
-def builtin_suite(train_per_task: int, test_per_task: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """Disjoint train and test splits of the suite (no test input appears in training)."""
-    pool = generate(SUITE_TASKS, train_per_task + test_per_task, seed)
+def builtin_suite(train_per_task: int, test_per_task: int, seed: int,
+                  tasks: tuple[Task, ...] = SUITE_TASKS) -> tuple[list[Example], list[Example]]:
+    """Disjoint train and test splits of a generated suite (no test input appears in training)."""
+    pool = generate(tasks, train_per_task + test_per_task, seed)
     train: list[Example] = []
     test: list[Example] = []
-    for task in SUITE_TASKS:
+    for task in tasks:
         rows = [e for e in pool if e.task == task.name]
         test.extend(rows[:test_per_task])
         train.extend(rows[test_per_task:])

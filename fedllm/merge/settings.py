@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedllm.merge import OPERATOR_PARAMS, OPERATORS
-from fedllm.settings import ConfigError, Settings, one_of, positive, setting
+from fedllm.settings import ConfigError, Settings, choice, positive, setting
 
 PREFIX = "aggregation-"
 
@@ -15,8 +15,8 @@ PREFIX = "aggregation-"
 class MergeSettings(Settings):
     """How the server merges the clients' model-space updates."""
 
-    aggregation: str = setting(
-        "aggregation", "weighted_average", lambda v: v in OPERATORS, one_of(OPERATORS),
+    aggregation: str = choice(
+        "aggregation", "weighted_average", OPERATORS,
         "merge operator applied to the clients' model-space updates",
     )
     aggregation_density: float | None = setting(

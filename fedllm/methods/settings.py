@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedllm.methods import METHODS
-from fedllm.settings import ConfigError, Settings, anything, one_of, positive, setting
+from fedllm.settings import ConfigError, Settings, choice, anything, one_of, positive, setting
 
 
 def _is_rank_list(value: str) -> bool:
@@ -25,12 +25,12 @@ WITH_VARIANTS = [name for name, method in METHODS.items() if len(method.variants
 class MethodSettings(Settings):
     """What clients train (docs/methods.md); each method's own keys are refused for the others."""
 
-    peft_method: str = setting(
-        "peft-method", "lora", lambda v: v in METHODS, one_of(METHODS),
+    peft_method: str = choice(
+        "peft-method", "lora", METHODS,
         "what clients train (docs/methods.md)",
     )
-    lora_variant: str = setting(
-        "lora-variant", "standard", lambda v: v in VARIANT_NAMES, one_of(VARIANT_NAMES),
+    lora_variant: str = choice(
+        "lora-variant", "standard", VARIANT_NAMES,
         "lora: scaling alpha/r, alpha/√r (rsLoRA) or DoRA magnitudes; ffa-lora: standard or rslora",
     )
     num_virtual_tokens: int = setting(

@@ -9,7 +9,7 @@ from fedllm.merge import MEAN, operators_of
 from fedllm.privacy.dp import ACCOUNTANTS
 from fedllm.privacy.secure import refusal
 from fedllm.robust import AUTO
-from fedllm.settings import ConfigError, Settings, anything, one_of, positive, setting
+from fedllm.settings import ConfigError, Settings, choice, anything, positive, setting
 
 DP_OPERATORS = operators_of(MEAN)  # a mean of clipped updates has sensitivity C / K
 
@@ -68,8 +68,8 @@ class PrivacySettings(Settings):
         "central DP without secure aggregation: sample each node with probability fraction-train from secret "
         "randomness (Poisson) and account with amplification by sampling",
     )
-    dp_accountant: str = setting(
-        "dp-accountant", "rdp", lambda v: v in ACCOUNTANTS, one_of(ACCOUNTANTS), "DP: Google dp-accounting's RDP or PLD accountant",
+    dp_accountant: str = choice(
+        "dp-accountant", "rdp", ACCOUNTANTS, "DP: Google dp-accounting's RDP or PLD accountant",
     )
     secret_seed: int | None = setting(
         "secret-seed", None, lambda v: v >= 0, "'' (secret, from the OS) or an integer >= 0",

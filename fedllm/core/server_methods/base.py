@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedllm.adapters import Delta
 from fedllm.core.nodes import NodeInfo, ReplyRejected
+from fedllm.evaluation import Scores
 from fedllm.methods import PeftMethod, Sent
 from fedllm.seeds import refactor_seed, sampling_rng
 
@@ -65,8 +66,9 @@ class ServerMethod:
         """The new ΔW_g and optimizer state: `ΔW_g + server_step(merge(τ))`, influence bounded."""
         return aggregator.stepped(aggregator.merge(server_round, aggregator.bounded_influence(contributions)))
 
-    def evaluate(self, aggregator: Aggregator, server: ServerModel) -> tuple[dict[str, float], dict[str, Any]]:
-        """Each round, with the server model at hand: per-task accuracy, and extra fields for the row."""
+    def evaluate(self, aggregator: Aggregator, server: ServerModel) -> tuple[Scores, dict[str, Any]]:
+        """On evaluated rounds, with the server model at hand: its scores on the server's test split,
+        and extra fields for the row."""
         return server.evaluate(aggregator.global_delta), {}
 
     def final_update(self, aggregator: Aggregator) -> Delta | None:

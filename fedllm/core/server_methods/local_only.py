@@ -14,7 +14,7 @@ from fedllm.core.nodes import NodeInfo, ReplyRejected
 from fedllm.core.server_methods.base import ServerMethod
 from fedllm.methods import Sent
 from fedllm.seeds import refactor_seed
-from fedllm.train import mean_accuracy
+from fedllm.evaluation import Scores
 
 if TYPE_CHECKING:
     from fedllm.core.aggregator import Aggregator, Contribution
@@ -36,8 +36,8 @@ class LocalOnly(ServerMethod):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.scores: dict[int, dict[str, float]] = {}  # partition -> per-task accuracy of its model
-        self.untrained: dict[str, float] | None = None  # the base model's, shared by untrained clients
+        self.scores: dict[int, Scores] = {}  # partition -> its model's scores
+        self.untrained: Scores | None = None  # the base model's, shared by untrained clients
         self.changed: set[int] = set()  # partitions trained since they were last scored
 
     def initial_update(self, aggregator: Aggregator) -> Delta:
@@ -71,8 +71,9 @@ class LocalOnly(ServerMethod):
             self.changed.add(partition)
         return new_global, aggregator.optimizer_state
 
-    def evaluate(self, aggregator: Aggregator, server: ServerModel) -> tuple[dict[str, float], dict[str, Any]]:
-        """Mean per-task accuracy over the clients' own models (only those trained since are re-scored)."""
+    def evaluate(self, aggregator: Aggregator, server: ServerModel) -> tuple[Scores, dict[str, Any]]:
+        """The clients' own models' scores pooled (each on the whole test split, so the mean over
+        clients); each client's headline in `client_accuracy`. Only those trained since are re-scored."""
         for partition in aggregator.nodes.partitions():
             own = own_update(aggregator.global_delta, partition) or self.method.zero_update()
             if partition in self.scores and partition not in self.changed:
@@ -83,9 +84,8 @@ class LocalOnly(ServerMethod):
             else:
                 self.scores[partition] = server.evaluate(own)
         self.changed.clear()
-        tasks = next(iter(self.scores.values()))
-        per_task = {task: sum(s[task] for s in self.scores.values()) / len(self.scores) for task in tasks}
-        return per_task, {"client_accuracy": {str(p): mean_accuracy(s) for p, s in sorted(self.scores.items())}}
+        clients = {str(p): s.headline(self.cfg.metric) for p, s in sorted(self.scores.items())}
+        return Scores.pooled(list(self.scores.values())), {"client_accuracy": clients}
 
     def final_update(self, aggregator: Aggregator) -> Delta | None:
         return None  # no single server model: each client keeps its own

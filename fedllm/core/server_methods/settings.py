@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedllm.core.server_methods import SERVER_METHODS
-from fedllm.settings import ConfigError, Settings, one_of, setting
+from fedllm.settings import ConfigError, Settings, choice
 
 
 @dataclass(frozen=True)
 class ServerMethodSettings(Settings):
     """Which server-side method runs; the references are non-private by design."""
 
-    baseline: str = setting(
-        "baseline", "none", lambda v: v in SERVER_METHODS, one_of(SERVER_METHODS),
+    baseline: str = choice(
+        "baseline", "none", SERVER_METHODS,
         "reference runs: one client trains on all partitions pooled, for as many steps as a round's clients "
         "together (centralized), or every client trains alone and is scored on the test split (local-only)",
     )
