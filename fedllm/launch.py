@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from fedllm.config import RunConfig
+from fedllm.config import ConfigError, RunConfig
 from fedllm.outputs import check_output_folder
 
 OFFLINE_ENV = {
@@ -156,9 +156,14 @@ def federation_config(clients: int, cpus_per_client: int) -> str:
 
 def resolved_config(app_dir: Path, run_config: str) -> RunConfig:
     """The run's config as the apps will see it: pyproject defaults plus `run_config` overrides."""
+    import click
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-    overrides = parse_config_args([run_config])
+    try:
+        overrides = parse_config_args([run_config])
+    except click.ClickException as error:
+        raise ConfigError(f"--run-config {run_config!r} cannot be read: {error.message} (a key given twice, e.g. "
+                          "output-dir in --run-config beside --out, is refused too)") from None
     RunConfig.check_keys(overrides)  # our message for an unknown key, before Flower's terser one
     return RunConfig.from_flower(get_fused_config_from_dir(app_dir, overrides))
 

@@ -75,3 +75,10 @@ def test_readme_documents_every_key_with_its_default():
     readme = (PROJECT / "README.md").read_text()
     for row in describe().splitlines()[2:]:
         assert row in readme, f"README.md is missing or outdated for: {row}"
+
+
+def test_a_run_config_string_flower_cannot_read_is_a_config_error_not_a_traceback():
+    from fedllm.launch import resolved_config
+
+    with pytest.raises(ConfigError, match=r"--run-config 'seed=1 seed=2' cannot be read: .*a key given twice"):
+        resolved_config(PROJECT, "seed=1 seed=2")
