@@ -180,10 +180,10 @@ def _round_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
         return {}
     per_client = [statistics.fmean(r["client_train_seconds"].values()) for r in trained if r.get("client_train_seconds")]
     return {
-        "train_seconds_round": round(statistics.fmean(per_client), 1) if per_client else 0.0,
-        "server_seconds_round": round(statistics.fmean(r.get("refactor_seconds", 0.0) + r.get("aggregate_seconds", 0.0)
-                                                       for r in trained), 1),
-        "evaluate_seconds_round": round(statistics.fmean(r["evaluate_seconds"] for r in scored), 1) if scored else 0.0,
+        "train_seconds_round": statistics.fmean(per_client) if per_client else 0.0,
+        "server_seconds_round": statistics.fmean(r.get("refactor_seconds", 0.0) + r.get("aggregate_seconds", 0.0)
+                                                 for r in trained),
+        "evaluate_seconds_round": statistics.fmean(r["evaluate_seconds"] for r in scored) if scored else 0.0,
     }
 
 
