@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import SECRET_KEYS, ConfigError, RunConfig
+from fedllm.evaluation import ROUGE_L, mean_over_tasks
 from fedllm.outputs import earlier_run
 
 
@@ -169,6 +170,10 @@ def _summary_fields(folder: Path) -> dict[str, Any]:
     for optional in ("epsilon", "base_weights"):
         if summary.get(optional) is not None:
             fields[optional] = summary[optional]
+    scored = [row for row in rows if ROUGE_L in row.get("metrics", {})]  # rows before fedllm recorded it lack it
+    if scored:  # the free-form view of the same answers, whatever the headline metric
+        fields["base_rouge_l"], fields["final_rouge_l"] = (mean_over_tasks(row["metrics"][ROUGE_L])
+                                                           for row in (scored[0], scored[-1]))
     return fields
 
 
@@ -208,7 +213,8 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
-    """Markdown: per setting, mean ± std of final accuracy over seeds, mean upload bytes per client
+    """Markdown: per setting, mean ± std of final accuracy over seeds, the mean ROUGE-L over tasks
+    before and after (when every run recorded it), mean upload bytes per client per round, seconds
     per round, mean wall time, and mean per-task accuracy."""
     keys = [k for k in varying if k != "seed"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -216,8 +222,9 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         if "final_accuracy" in row:
             groups.setdefault(tuple(_setting(row, k) for k in keys), []).append(row)
     tasks = list(dict.fromkeys(k for row in rows for k in row if k.startswith("acc_")))
-    header = keys + ["seeds", "base", "final accuracy (mean ± std)", "upload / client / round",
-                     "s / round: client train · server · evaluation", "wall time"]
+    rouge = all("final_rouge_l" in r and "base_rouge_l" in r for members in groups.values() for r in members)
+    header = keys + ["seeds", "base", "final accuracy (mean ± std)"] + (["ROUGE-L: base → final"] if rouge else [])
+    header += ["upload / client / round", "s / round: client train · server · evaluation", "wall time"]
     header += [t[len("acc_"):] for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ranked = sorted(groups.items(), key=lambda item: -statistics.fmean(r["final_accuracy"] for r in item[1]))
@@ -231,8 +238,11 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         split = " · ".join(f"{statistics.fmean(r.get(k, 0.0) for r in members):.1f}"
                            for k in ("train_seconds_round", "server_seconds_round", "evaluate_seconds_round"))
         cells = [f"`{v}`" if v != "" else "–" for v in setting]  # '' is an unset optional key
-        cells += [str(len(accs)), f"{base:.3f}", f"{statistics.fmean(accs):.3f} ± {spread:.3f}", _kib(upload), split,
-                  f"{wall:.0f} s"] + per_task
+        cells += [str(len(accs)), f"{base:.3f}", f"{statistics.fmean(accs):.3f} ± {spread:.3f}"]
+        if rouge:
+            cells.append(" → ".join(f"{statistics.fmean(r[f'{when}_rouge_l'] for r in members):.3f}"
+                                    for when in ("base", "final")))
+        cells += [_kib(upload), split, f"{wall:.0f} s"] + per_task
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -87,7 +87,10 @@ model = "builtin:nonexistent"
         base = statistics.fmean(s["base_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline)
         assert len(accs) == 2
         assert f"`{baseline}`" in report
-        assert f"| 2 | {base:.3f} | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in report
+        runs = [read_rows(out / "runs" / name) for name, s in summaries.items() if s["config"]["baseline"] == baseline]
+        rouge = [statistics.fmean(statistics.fmean(rows[i]["metrics"]["rouge-l"].values()) for rows in runs) for i in (0, -1)]
+        assert (f"| 2 | {base:.3f} | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} "
+                f"| {rouge[0]:.3f} → {rouge[1]:.3f} |") in report
     assert "## Failed runs" in report and (out / "accuracy_per_round.png").exists()
     for baseline in ("centralized", "local-only"):  # seconds per round: a client's training, the server's work, evaluation
         runs = [read_rows(out / "runs" / name) for name, s in summaries.items() if s["config"]["baseline"] == baseline]
