@@ -16,13 +16,16 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
 from client import faults
+from client.cooperation import cooperation_inputs, knowledge_record
 from client.privacy import privatize, released_metrics, reported_examples
 from client.secure import secure_aggregation_mod, secure_reply
 from fedllm.config import RunConfig
 from fedllm.core.local import (
-    MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_evaluation, local_round, worker_for,
+    MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_evaluation, local_round, model_worker,
+    worker_for,
 )
-from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD
+from fedllm.cooperation.knowledge import KNOWLEDGE
+from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD, ClientModel
 from fedllm.evaluation import POOLED
 from fedllm.logs import quiet_third_party
 from fedllm.wire import encode
@@ -57,8 +60,10 @@ def train(msg: Message, context: Context) -> Message:
     received = msg.content["arrays"].to_torch_state_dict()
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    worker = worker_for_message(cfg, msg.content)
-    result = local_round(cfg, node, worker, received, server_round, int(config.get("local-steps", cfg.local_steps)))
+    worker = worker_for_message(cfg, node, msg.content)
+    public, teacher = cooperation_inputs(cfg, worker, msg.content)
+    result = local_round(cfg, node, worker, received, server_round, int(config.get("local-steps", cfg.local_steps)),
+                         teacher)
     update, _ = privatize(cfg, result.update, server_round, node.partition_id)  # local DP only here
     metrics = MetricRecord(released_metrics(cfg, {
         "num-examples": reported_examples(cfg, result.examples), "train_loss": result.loss,
@@ -66,7 +71,9 @@ def train(msg: Message, context: Context) -> Message:
         "pid": os.getpid(), "model-builds": MODEL_BUILDS[worker.name],
     }))
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    knowledge = {KNOWLEDGE: faults.apply_to_knowledge(cfg, node.partition_id, knowledge_record(cfg, worker, node.rank, public))
+                 } if public else {}
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, **knowledge}), reply_to=msg)
 
 
 @app.evaluate()
@@ -83,8 +90,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-def worker_for_message(cfg: RunConfig, content: RecordDict) -> Worker:
-    """The full base model's worker, or that of the emulator the message names."""
+def worker_for_message(cfg: RunConfig, node: NodeSettings, content: RecordDict) -> Worker:
+    """The full base model's worker, that of the emulator the message names, or that of the node's
+    own other model (cooperation)."""
+    if ClientModel.parse(node.client_model).other is not None:
+        return model_worker(cfg, node.client_model)
     if EMULATOR_RECORD not in content:
         return worker_for(cfg)
     weights = content.get(WEIGHTS_RECORD)

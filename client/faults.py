@@ -18,6 +18,15 @@ in simulation and in deployment:
 | `crash` | the ClientApp raises an exception (Flower turns it into an error reply) |
 | `hang` | the ClientApp sleeps `round-timeout` + 5 s, so its reply arrives after its round closed |
 
+Three act on a cooperating node's answers to the public prompts (`knowledge`, see
+`fedllm.cooperation.knowledge`):
+
+| kind | what the answers get |
+|---|---|
+| `knowledge-nan` | one NaN log-probability |
+| `knowledge-top-k` | each token's last candidate dropped (fewer than `distill-top-k`) |
+| `knowledge-vocab` | a token id beyond any vocabulary (2^40) |
+
 Three more act on the node's start-up answer instead (the server's node checks):
 
 | kind | what the start-up answer gets |
@@ -33,9 +42,10 @@ import math
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from fedllm.config import FAULT_KINDS, RunConfig
+from fedllm.cooperation.knowledge import IDS, LOGPROBS
 
 Metrics = MetricRecord | ConfigRecord
 HANG_LATE_SECONDS = 5.0  # how long after its round closed a `hang` reply arrives
@@ -48,9 +58,18 @@ class InjectedFault(RuntimeError):
 def apply(cfg: RunConfig, partition_id: int, arrays: ArrayRecord, metrics: MetricRecord) -> tuple[ArrayRecord, Metrics]:
     """The training reply's records after every fault `fault-injection` sets for this partition."""
     for kind in cfg.faults_for(partition_id):
-        if kind not in _ON_QUERY:
+        if kind not in _ON_QUERY and kind not in _ON_KNOWLEDGE:
             arrays, metrics = inject(kind, arrays, metrics, hang_seconds=cfg.round_timeout + HANG_LATE_SECONDS)
     return arrays, metrics
+
+
+def apply_to_knowledge(cfg: RunConfig, partition_id: int, knowledge: ArrayRecord) -> ArrayRecord:
+    """The answers to the public prompts after the knowledge faults set for this partition."""
+    for kind in cfg.faults_for(partition_id):
+        if kind in _ON_KNOWLEDGE:
+            arrays = {name: array.numpy().copy() for name, array in knowledge.items()}
+            knowledge = ArrayRecord({name: Array(array) for name, array in _ON_KNOWLEDGE[kind](arrays).items()})
+    return knowledge
 
 
 def apply_to_query(cfg: RunConfig, partition_id: int, info: MetricRecord) -> MetricRecord:
@@ -70,8 +89,8 @@ def inject(kind: str, arrays: ArrayRecord, metrics: Metrics, *, hang_seconds: fl
     if kind == "hang":
         time.sleep(hang_seconds)
         return arrays, metrics
-    if kind in _ON_QUERY:
-        raise ValueError(f"fault kind {kind!r} acts on the start-up answer (apply_to_query), not on a training reply")
+    if kind in _ON_QUERY or kind in _ON_KNOWLEDGE:
+        raise ValueError(f"fault kind {kind!r} acts on the start-up answer or the public answers, not on the update")
     if kind in _ON_METRICS:
         return arrays, _ON_METRICS[kind](dict(metrics))
     state = arrays.to_torch_state_dict()
@@ -141,3 +160,20 @@ def _query_examples(values: dict) -> MetricRecord:
 
 
 _ON_QUERY = {"query-rank": _query_rank, "query-missing": _query_missing, "query-examples": _query_examples}
+
+
+def _knowledge_nan(arrays: dict) -> dict:
+    arrays[LOGPROBS][0, 0] = math.nan
+    return arrays
+
+
+def _knowledge_top_k(arrays: dict) -> dict:
+    return {**arrays, IDS: arrays[IDS][:, :-1].copy(), LOGPROBS: arrays[LOGPROBS][:, :-1].copy()}
+
+
+def _knowledge_vocab(arrays: dict) -> dict:
+    arrays[IDS][0, -1] = 2**40
+    return arrays
+
+
+_ON_KNOWLEDGE = {"knowledge-nan": _knowledge_nan, "knowledge-top-k": _knowledge_top_k, "knowledge-vocab": _knowledge_vocab}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedllm.cooperation.settings import CooperationSettings
 from fedllm.core.server_methods.settings import ServerMethodSettings
 from fedllm.data.settings import DataSettings
 from fedllm.emulator import EmulatorSettings
@@ -45,7 +46,7 @@ SECRET_KEYS = ("secret-seed",)
 # What `fault-injection` can make a partition's ClientApp do to its reply (see client/faults.py).
 FAULT_KINDS = (
     "nan", "shape", "missing", "extra", "dtype", "norm", "examples-zero", "examples-absurd", "metrics-type",
-    "crash", "hang", "query-rank", "query-missing", "query-examples",
+    "crash", "hang", "query-rank", "query-missing", "query-examples", "knowledge-nan", "knowledge-top-k", "knowledge-vocab",
 )
 
 
@@ -148,7 +149,7 @@ class OutputSettings(Settings):
 # two problems the first named is the merge's, then the method's, privacy's, the baseline's, ...
 SUBSYSTEMS: tuple[type[Settings], ...] = (
     FederationSettings, TrainingSettings, MergeSettings, OptimizerSettings, MethodSettings, WireSettings,
-    PrivacySettings, ServerMethodSettings, EmulatorSettings, DataSettings, EvaluationSettings, RobustSettings,
+    PrivacySettings, ServerMethodSettings, EmulatorSettings, CooperationSettings, DataSettings, EvaluationSettings, RobustSettings,
     OutputSettings,
 )
 

@@ -46,33 +46,43 @@ class EmulatorError(ValueError):
 
 @dataclass(frozen=True)
 class ClientModel:
-    """What a client trains on: the full base model (`keep` None), or an emulator keeping `keep`
-    of its decoder layers: a fraction in (0, 1] of them, or a count >= 2."""
+    """What a client trains on: the full base model, an emulator keeping `keep` of its decoder
+    layers (a fraction in (0, 1] of them, or a count >= 2), or `other`, another model altogether
+    (a builtin, a packaged model, a .gguf, a path or a hub name: cooperation, `fedllm.cooperation`)."""
 
     keep: float | int | None = None
+    other: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> ClientModel:
-        """`'full'` or `'emulator:<keep>'`; a number with a decimal point is a fraction."""
+        """`'full'`, `'emulator:<keep>'` (a number with a decimal point is a fraction), or another model."""
         text = text.strip()
         if text == FULL:
             return cls()
-        value = text[len(EMULATOR_PREFIX):] if text.startswith(EMULATOR_PREFIX) else None
+        if not text.startswith(EMULATOR_PREFIX):
+            if not text or any(c.isspace() for c in text):
+                raise ValueError(f"{text!r} is not 'full', 'emulator:<keep>' or a model name or path")
+            return cls(other=text)
+        value = text[len(EMULATOR_PREFIX):]
         try:
             keep: float | int = float(value) if value and "." in value else int(value or "")
         except ValueError:
             keep = 0
         if isinstance(keep, float) and 0 < keep <= 1 or isinstance(keep, int) and keep >= 2:
             return cls(keep)
-        raise ValueError(f"{text!r} is not 'full' or 'emulator:<keep>' with <keep> a fraction in (0, 1] "
+        raise ValueError(f"{text!r} is not 'emulator:<keep>' with <keep> a fraction in (0, 1] "
                          f"(e.g. emulator:0.5) or a layer count >= 2 (e.g. emulator:4)")
 
     @property
     def is_full(self) -> bool:
-        return self.keep is None
+        return self.keep is None and self.other is None
+
+    @property
+    def is_emulator(self) -> bool:
+        return self.keep is not None
 
     def __str__(self) -> str:
-        return FULL if self.keep is None else f"{EMULATOR_PREFIX}{self.keep}"
+        return self.other or (FULL if self.keep is None else f"{EMULATOR_PREFIX}{self.keep}")
 
     def kept_layers(self, num_layers: int) -> tuple[int, ...]:
         """The full model's layers this client model runs, in order."""
@@ -286,9 +296,11 @@ class EmulatorSettings(Settings):
 
     client_model: str = setting(
         "client-model", "full", _is_client_model_list,
-        "'full', 'emulator:<keep>' (<keep> a fraction in (0, 1] or a layer count >= 2), or a comma-separated list",
-        "what clients train on: the base model, or an emulator keeping the first, last and evenly spread middle "
-        "layers (Offsite-Tuning); a list cycles over partitions (a node's node-config client-model wins)",
+        "'full', 'emulator:<keep>' (<keep> a fraction in (0, 1] or a layer count >= 2), another model (as `model` "
+        "takes it), or a comma-separated list",
+        "what clients train on: the base model, an emulator keeping the first, last and evenly spread middle "
+        "layers (Offsite-Tuning), or another model (needs cooperation); a list cycles over partitions (a node's "
+        "node-config client-model wins)",
     )
     emulator_distill_steps: int = setting(
         "emulator-distill-steps", 0, lambda v: v >= 0, "an integer >= 0 (0: off)",
@@ -302,7 +314,7 @@ class EmulatorSettings(Settings):
 
     def check(self) -> None:
         """Emulators carry per-layer adapters, merged per layer over the clients that have it."""
-        if all(model.is_full for model in self.client_models()):
+        if not any(model.is_emulator for model in self.client_models()):
             if self.emulator_distill_steps or self.emulator_adapters != "kept":
                 raise ConfigError("run-config emulator-distill-steps and emulator-adapters need emulator clients "
                                   "(client-model 'emulator:<keep>'); leave them at 0 and 'kept' with client-model 'full'")

@@ -12,7 +12,7 @@ import functools
 import inspect
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,22 +148,31 @@ def generate_answers(
     transformers 5) it gets only the first token right.
     """
     device = next(model.parameters()).device
+    prompts = prompts_for_generation(prompter, examples, max_new_tokens, max_length)
+    answers = [""] * len(examples)
+    model.eval()
+    for chunk in equal_length_batches(prompts, batch_size):
+        ids = torch.tensor([prompts[i] for i in chunk], device=device)
+        for row, tokens in zip(chunk, greedy(model, ids, max_new_tokens, prompter.stop_id)):
+            answers[row] = prompter.tokenizer.decode(tokens, skip_special_tokens=True)
+    return answers
+
+
+def prompts_for_generation(prompter: Prompter, examples: Sequence[Example], max_new_tokens: int,
+                           max_length: int | None) -> list[list[int]]:
+    """Each example's prompt ids, cut from the left so that `max_new_tokens` more fit in `max_length`."""
     room = _prompt_room(max_length, max_new_tokens)
     prompts = [prompter.prompt_ids(e) for e in examples]
-    if room is not None:
-        prompts = [prompt[-room:] for prompt in prompts]
+    return prompts if room is None else [prompt[-room:] for prompt in prompts]
+
+
+def equal_length_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `prompts` in batches of equal length (no padding, no position shift)."""
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, prompt in enumerate(prompts):
         by_length[len(prompt)].append(index)
-    answers = [""] * len(examples)
-    model.eval()
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            ids = torch.tensor([prompts[i] for i in chunk], device=device)
-            for row, tokens in zip(chunk, greedy(model, ids, max_new_tokens, prompter.stop_id)):
-                answers[row] = prompter.tokenizer.decode(tokens, skip_special_tokens=True)
-    return answers
+    return [indices[start : start + batch_size] for indices in by_length.values()
+            for start in range(0, len(indices), batch_size)]
 
 
 def _prompt_room(max_length: int | None, max_new_tokens: int) -> int | None:
@@ -181,8 +190,10 @@ def _prompt_room(max_length: int | None, max_new_tokens: int) -> int | None:
     return max_length - max_new_tokens
 
 
-def greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, stop_id: int) -> list[list[int]]:
-    """Up to `max_new_tokens` argmax tokens after each row of `ids`, each cut before its first `stop_id`.
+def greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, stop_id: int,
+           observe: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+    """Up to `max_new_tokens` argmax tokens after each row of `ids`, each cut before its first `stop_id`;
+    `observe`, if given, sees each step's next-token logits (rows × vocabulary).
 
     Each step after the first feeds only the new token and the KV cache. For a peft prompt-learning
     model the first step goes through peft (which puts the virtual tokens or the prefix in front),
@@ -197,6 +208,8 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, stop_
         if step:
             mask = torch.ones(len(ids), virtual + ids.shape[1], dtype=torch.long, device=ids.device)
             out = step_model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{name: out[name]})
+        if observe is not None:
+            observe(out.logits[:, -1])
         next_ids = out.logits[:, -1].argmax(dim=-1).masked_fill(done, stop_id)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         done |= next_ids == stop_id

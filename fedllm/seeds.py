@@ -55,3 +55,13 @@ def secret_int(secret_seed: int | None, *labels: object) -> int:
 def secret_generator(secret_seed: int | None, *labels: object) -> torch.Generator:
     """A CPU generator seeded with `secret_int(secret_seed, *labels)`; never from the public `seed`."""
     return torch.Generator().manual_seed(secret_int(secret_seed, *labels))
+
+
+def public_prompts_rng(seed: int, server_round: int) -> random.Random:
+    """Which public prompts a round's cooperation uses (public, like the prompts themselves)."""
+    return random.Random(f"{seed}:public:{server_round}")
+
+
+def server_distill_seed(seed: int, server_round: int) -> int:
+    """The server's batch order when it distils the client models' knowledge in a round."""
+    return seed * 100_019 + server_round * 1013

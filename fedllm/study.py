@@ -167,6 +167,8 @@ def _summary_fields(folder: Path) -> dict[str, Any]:
         **_round_seconds(rows),
         **{f"acc_{task}": acc for task, acc in summary["per_task_accuracy"].items()},
     }
+    if families := rows[-1].get("family_accuracy"):  # cooperation: the clients' own merged models
+        fields["client_model_accuracy"] = statistics.fmean(families.values())
     for optional in ("epsilon", "base_weights"):
         if summary.get(optional) is not None:
             fields[optional] = summary[optional]
@@ -178,8 +180,8 @@ def _summary_fields(folder: Path) -> dict[str, Any]:
 
 
 def _round_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per round of a client's local training, the server's work (re-factoring and
-    merging) and evaluation (over the rounds scored)."""
+    """Mean seconds per round of a client's local training, the server's work (re-factoring,
+    merging and, in cooperation, distilling and answering) and evaluation (over the rounds scored)."""
     trained, scored = rows[1:], [r for r in rows if "evaluate_seconds" in r]
     if not trained:
         return {}
@@ -187,7 +189,7 @@ def _round_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {
         "train_seconds_round": statistics.fmean(per_client) if per_client else 0.0,
         "server_seconds_round": statistics.fmean(r.get("refactor_seconds", 0.0) + r.get("aggregate_seconds", 0.0)
-                                                 for r in trained),
+                                                 + r.get("cooperation_seconds", 0.0) for r in trained),
         "evaluate_seconds_round": statistics.fmean(r["evaluate_seconds"] for r in scored) if scored else 0.0,
     }
 
@@ -214,7 +216,8 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> Path:
 
 def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     """Markdown: per setting, mean ± std of final accuracy over seeds, the mean ROUGE-L over tasks
-    before and after (when every run recorded it), mean upload bytes per client per round, seconds
+    before and after (when every run recorded it), the clients' own merged models' accuracy (in
+    cooperation), mean upload bytes per client per round, seconds
     per round, mean wall time, and mean per-task accuracy."""
     keys = [k for k in varying if k != "seed"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -223,7 +226,9 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
             groups.setdefault(tuple(_setting(row, k) for k in keys), []).append(row)
     tasks = list(dict.fromkeys(k for row in rows for k in row if k.startswith("acc_")))
     rouge = all("final_rouge_l" in r for members in groups.values() for r in members)  # set with base_rouge_l
+    families = any("client_model_accuracy" in r for members in groups.values() for r in members)  # cooperation
     header = keys + ["seeds", "base", "final accuracy (mean ± std)"] + (["ROUGE-L: base → final"] if rouge else [])
+    header += ["client model accuracy"] if families else []
     header += ["upload / client / round", "s / round: client train · server · evaluation", "wall time"]
     header += [t[len("acc_"):] for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -242,6 +247,9 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         if rouge:
             cells.append(" → ".join(f"{statistics.fmean(r[f'{when}_rouge_l'] for r in members):.3f}"
                                     for when in ("base", "final")))
+        if families:
+            own = [r["client_model_accuracy"] for r in members if "client_model_accuracy" in r]
+            cells.append(f"{statistics.fmean(own):.3f}" if own else "–")
         cells += [_kib(upload), split, f"{wall:.0f} s"] + per_task
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from fedllm.data import load_splits
 from fedllm.logs import quiet_third_party
 from fedllm.models import builtin_weights_digest
 from fedllm.outputs import earlier_run, make_private, private_folder
+from server.cooperation import Cooperation
 from server.emulators import EmulatorFleet
 from server.grid import MeteredGrid
 from server.loop import Run, run_rounds
@@ -68,10 +69,12 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "%s", note)
     # nodes may train on emulators (the run's client-model, or their own); built before any update is installed
     emulators = EmulatorFleet(cfg, server) if cfg.emulator_refusal() is None else None
+    # nodes may train other models, which teach the server model through their answers on public prompts
+    cooperation = Cooperation(cfg, server, aggregator.nodes, test) if cfg.cooperation != "none" else None
     grid = MeteredGrid(grid, Path(cfg.audit_dir).expanduser() if cfg.audit_dir else None)
     recorder = RunRecorder(out_dir, cfg)
-    run_rounds(Run(grid, context, aggregator, server, recorder, emulators), cfg.num_server_rounds, cfg.round_timeout,
-               resumed)
+    run_rounds(Run(grid, context, aggregator, server, recorder, emulators, cooperation), cfg.num_server_rounds,
+               cfg.round_timeout, resumed)
     final = aggregator.server_method.final_update(aggregator)
     adapter_error = export(server, final, out_dir) if final is not None else None
     summary = recorder.finish(

@@ -73,9 +73,9 @@ class EmulatorFleet:
             self.layer_map(str(spec))
 
     def layer_map(self, spec: str) -> LayerMap | None:
-        """The emulator layers of a client model (None: the full model), built on first use."""
+        """The emulator layers of a client model (None: the full model or another one), built on first use."""
         model = ClientModel.parse(spec)
-        if model.is_full:
+        if not model.is_emulator:
             return None
         if spec not in self.builds:
             self.builds[spec] = self.build(model)

@@ -13,6 +13,7 @@ from flwr.common.logger import log
 from fedllm.checkpoint import RunState, capture_rng, restore_rng, save_state
 from fedllm.core.aggregator import Aggregator
 from fedllm.core.server_model import ServerModel
+from server.cooperation import Cooperation
 from server.emulators import EmulatorFleet
 from server.evaluate import evaluate_round
 from server.grid import MeteredGrid
@@ -32,23 +33,27 @@ class Run:
     server: ServerModel
     recorder: RunRecorder
     emulators: EmulatorFleet | None = None  # when nodes may train on emulators
+    cooperation: Cooperation | None = None  # when nodes may train other models
 
     def evaluate(self, server_round: int, rounds: int, timeout: float) -> dict[str, Any]:
-        """The round's evaluation fields ({} on a round `evaluate-every` skips)."""
-        return evaluate_round(self.grid, self.aggregator, self.server, server_round, rounds, timeout)
+        """The round's evaluation fields ({} on a round `evaluate-every` skips), with the other
+        models' merged adapters scored too in cooperation."""
+        fields = evaluate_round(self.grid, self.aggregator, self.server, server_round, rounds, timeout)
+        return fields | self.cooperation.evaluate() if fields and self.cooperation else fields
 
     def play(self, server_round: int, rounds: int, timeout: float) -> RoundResult:
         """One round of the run's kind, ΔW_g updated in the aggregator."""
         if self.aggregator.cfg.secure_aggregation:
             return secure_round(self.grid, self.context, self.aggregator, server_round, rounds, timeout)
-        return plain_round(self.grid, Transport(self.aggregator, self.emulators), server_round, rounds, timeout)
+        return plain_round(self.grid, Transport(self.aggregator, self.emulators, self.cooperation), server_round, rounds,
+                           timeout)
 
 
 def run_rounds(run: Run, rounds: int, timeout: float, resumed: RunState | None = None) -> None:
     """Train up to round `rounds` (continuing `resumed` if given); the run state is saved
     atomically after round 0 and after every completed round."""
     aggregator, dp, recorder = run.aggregator, run.aggregator.dp, run.recorder
-    refresh_nodes(run.grid, aggregator, run.emulators, timeout, wait=True)
+    refresh_nodes(run.grid, aggregator, run.emulators, run.cooperation, timeout, wait=True)
     first = start(run, rounds, timeout) if resumed is None else resume(run, resumed)
     for server_round in range(first, rounds + 1):
         if dp is not None and not dp.allows_another_round():
@@ -59,7 +64,7 @@ def run_rounds(run: Run, rounds: int, timeout: float, resumed: RunState | None =
             break
         started = time.perf_counter()
         if server_round > first:
-            refresh_nodes(run.grid, aggregator, run.emulators, timeout)
+            refresh_nodes(run.grid, aggregator, run.emulators, run.cooperation, timeout)
         run.grid.take_counts()
         result = run.play(server_round, rounds, timeout)
         if dp is not None:

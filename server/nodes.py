@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 
 from fedllm.core.aggregator import Aggregator
 from fedllm.core.nodes import NodeInfo, NodeRefused, PartitionHeld
-from fedllm.emulator import FULL
+from fedllm.emulator import FULL, ClientModel
+from server.cooperation import Cooperation
 from server.emulators import EmulatorFleet
 from server.grid import exchange
 from server.validation import NodeBounds, checked_node, error_summary
@@ -29,28 +30,36 @@ def node_bounds(aggregator: Aggregator) -> NodeBounds:
     return NodeBounds(min(cfg.max_client_rank, largest), cfg.max_client_examples)
 
 
-def trainable(node_id: int, info: NodeInfo, aggregator: Aggregator, emulators: EmulatorFleet | None) -> None:
-    """`NodeRefused` if this run cannot train the node's client model (the emulator it asks for is
-    built here, once per run)."""
+def trainable(node_id: int, info: NodeInfo, aggregator: Aggregator, emulators: EmulatorFleet | None,
+              cooperation: Cooperation | None) -> None:
+    """`NodeRefused` if this run cannot train the node's client model (the emulator or the other
+    model it asks for is built here, once per run)."""
     try:
-        if emulators is not None:
+        other = ClientModel.parse(info.client_model).other
+        if other is not None:
+            if cooperation is None:
+                raise ValueError(f"client-model {other!r} is another model than the server's; this run has "
+                                 "cooperation = 'none'")
+            cooperation.family(other)
+        elif emulators is not None:
             emulators.layer_map(info.client_model)
         elif info.client_model != FULL:
             raise ValueError(f"client-model {info.client_model!r} {aggregator.cfg.emulator_refusal()}")
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise NodeRefused(f"node {node_id}: {error}") from None
 
 
-def admit(aggregator: Aggregator, emulators: EmulatorFleet | None, node_id: int, content: RecordDict) -> NodeInfo:
+def admit(aggregator: Aggregator, emulators: EmulatorFleet | None, cooperation: Cooperation | None, node_id: int,
+          content: RecordDict) -> NodeInfo:
     """Register a node from its start-up answer, or raise `NodeRefused` saying why it cannot take
     part: a field out of bounds, a partition an online node holds, a client model this run cannot train."""
     info = checked_node(node_id, content, node_bounds(aggregator))
-    aggregator.nodes.admit(node_id, info, lambda info: trainable(node_id, info, aggregator, emulators))
+    aggregator.nodes.admit(node_id, info, lambda info: trainable(node_id, info, aggregator, emulators, cooperation))
     return info
 
 
-def refresh_nodes(grid: Grid, aggregator: Aggregator, emulators: EmulatorFleet | None, timeout: float,
-                  wait: bool = False) -> None:
+def refresh_nodes(grid: Grid, aggregator: Aggregator, emulators: EmulatorFleet | None,
+                  cooperation: Cooperation | None, timeout: float, wait: bool = False) -> None:
     """Mark which nodes are online and ask new ones for their partition, rank and data size; with
     `wait`, wait up to `timeout` for min-clients nodes to connect."""
     registry, fewest = aggregator.nodes, aggregator.min_clients
@@ -69,7 +78,7 @@ def refresh_nodes(grid: Grid, aggregator: Aggregator, emulators: EmulatorFleet |
             log(WARNING, "node %d could not start: %s", node_id, error_summary(reply.error.reason))
             continue
         try:
-            info = admit(aggregator, emulators, node_id, reply.content)
+            info = admit(aggregator, emulators, cooperation, node_id, reply.content)
         except PartitionHeld as reason:
             log(WARNING, "%s; asking it again next round", reason)
             continue

@@ -17,10 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from fedllm.cooperation.knowledge import Answer
 from fedllm.core.aggregator import Aggregator, Contribution
 from fedllm.core.nodes import ReplyRejected
 from fedllm.emulator import LayerMap
 from fedllm.methods import Sent
+from server.cooperation import Cooperation, Family
 from server.emulators import EmulatorFleet, restrict
 from server.grid import MeteredGrid, exchange
 from server.record import RoundResult, weighted_loss
@@ -33,14 +35,28 @@ class Transport:
 
     aggregator: Aggregator
     emulators: EmulatorFleet | None = None
+    cooperation: Cooperation | None = None
     asked: dict[str, int] = field(default_factory=dict)  # this round's message id -> node asked
+    answers: dict[int, list[Answer]] = field(default_factory=dict)  # this round's accepted public answers (cooperation)
+
+    def family(self, node_id: int) -> Family | None:
+        """The family of a node that trains another model than the server's (None: the server's)."""
+        return self.cooperation.family_of(node_id) if self.cooperation else None
+
+    def aggregator_for(self, node_id: int) -> Aggregator:
+        """The aggregator that merges the node's updates: the server model's, or its family's."""
+        family = self.family(node_id)
+        return self.aggregator if family is None else family.aggregator
 
     def message(self, node_id: int, config: dict[str, Any]) -> Message:
-        """A train message: the node's state (an emulator node's for its layers only) and `config`."""
-        state = self.aggregator.state_for(node_id).state
-        if self.emulators is None:
-            records = {"arrays": ArrayRecord(state)}
+        """A train message: the node's state (an emulator node's for its layers only, another
+        model's node its family's with the public prompts) and `config`."""
+        if (family := self.family(node_id)) is not None:
+            records = self.cooperation.records(node_id, family)
+        elif self.emulators is None:
+            records = {"arrays": ArrayRecord(self.aggregator.state_for(node_id).state)}
         else:
+            state = self.aggregator.state_for(node_id).state
             records = self.emulators.records(node_id, self.aggregator.nodes.nodes[node_id].client_model, state)
         return Message(RecordDict({**records, "config": ConfigRecord(config)}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
@@ -72,7 +88,8 @@ class Transport:
     def contribution(self, reply: Message) -> tuple[Contribution, float | None]:
         """The reply's update τ_k with its weight, and its train loss (None under DP);
         `ReplyRejected` naming the node and the problem if anything is wrong with it."""
-        aggregator, node = self.aggregator, self.reply_node(reply)
+        node = self.reply_node(reply)
+        aggregator = self.aggregator_for(node)
         if reply.has_error():
             if self.emulators is not None:
                 self.emulators.forget(node)
@@ -83,7 +100,11 @@ class Transport:
         sent = self.sent_for(node, check_rank(node, metrics))
         upload = self.upload(node, arrays, aggregator.upload_shapes(sent))
         examples = check_examples(node, metrics, aggregator.nodes.nodes.get(node))
+        family = self.family(node)
+        answers = self.cooperation.checked_answers(node, family, reply.content) if family else None
         tau = aggregator.absorb(node, upload, sent)
+        if answers is not None:
+            self.answers[node] = answers
         return Contribution(node, tau, float(examples)), None if aggregator.dp else float(metrics["train_loss"])
 
     def accepted(self, server_round: int, replies: list[Message]) -> tuple[list[Contribution], dict[int, float | None], list[str]]:
@@ -102,7 +123,7 @@ class Transport:
 
     def sent_for(self, node_id: int, rank: int) -> Sent:
         """The state the node was sent; for an emulator node the part for the layers it keeps."""
-        sent = self.aggregator.reply_state(node_id, rank)
+        sent = self.aggregator_for(node_id).reply_state(node_id, rank)
         layer_map = self.layer_map(node_id)
         return sent if layer_map is None else restrict(sent, layer_map)
 
@@ -125,9 +146,12 @@ def reply_metric(reply: Message, key: str) -> int | float | None:
 
 def plain_round(grid: MeteredGrid, transport: Transport, server_round: int, rounds: int, timeout: float) -> RoundResult:
     """Send each sampled node its state, collect the replies, merge the valid ones."""
-    aggregator = transport.aggregator
+    aggregator, cooperation = transport.aggregator, transport.cooperation
     node_ids = aggregator.sample(server_round)
-    aggregator.begin(server_round, node_ids)
+    aggregator.begin(server_round, [n for n in node_ids if transport.family(n) is None])
+    if cooperation is not None:
+        cooperation.begin(server_round, node_ids)
+    transport.answers = {}
     config = aggregator.train_config(server_round)
     messages = [transport.message(node_id, config) for node_id in node_ids]
     done = 0
@@ -145,12 +169,16 @@ def plain_round(grid: MeteredGrid, transport: Transport, server_round: int, roun
     if len(contributions) < aggregator.min_clients and not aggregator.cfg.dp_sampling_amplification:  # Poisson: any size
         raise RuntimeError(f"round {server_round}: only {len(contributions)} valid replies "
                            f"(min-clients = {aggregator.min_clients}); rejected: {rejected or 'none'}")
-    aggregator.complete(server_round, contributions)
-    aggregate_seconds = time.perf_counter() - aggregating
+    own = [c for c in contributions if transport.family(c.node_id) is None]  # of the server's model
+    if own or cooperation is None:
+        aggregator.complete(server_round, own)
+    weights = {c.node_id: c.weight for c in contributions} | (aggregator.merge_weights if own else {})
+    extra = {} if cooperation is None else cooperation.complete(server_round, contributions, transport.answers, aggregator)
+    aggregate_seconds = time.perf_counter() - aggregating - extra.get("cooperation_seconds", 0.0)
     processes = sorted({p for r in replies if None not in (p := (reply_metric(r, "pid"), reply_metric(r, "model-builds")))})
     partitions = aggregator.nodes.partition_of()
     train_seconds = {partitions[node]: seconds for r in replies
                      if (node := transport.reply_node(r)) in partitions and (seconds := reply_metric(r, "train-seconds")) is not None}
-    loss = weighted_loss(losses, aggregator.merge_weights) if aggregator.dp is None else None
+    loss = weighted_loss(losses, weights) if aggregator.dp is None else None
     return RoundResult(len(contributions), len(messages) - len(replies), loss, rejected, processes, train_seconds,
-                       aggregate_seconds)
+                       aggregate_seconds, extra=extra)

@@ -33,6 +33,7 @@ class RoundResult:
     train_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its client's local training time
     aggregate_seconds: float = 0.0  # the server's merge (plain rounds; a secure round's sum is the protocol's)
     min_survivors: int | None = None  # secure rounds: the fewest clients the sum could have completed with
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields for the row (cooperation's)
 
 
 def weighted_loss(losses: dict[int, float], weights: dict[int, float]) -> float:
@@ -87,7 +88,7 @@ class RunRecorder:
             client_processes=result.client_processes, round_seconds=round_seconds,
             client_train_seconds=result.train_seconds, refactor_seconds=aggregator.refactor_seconds,
             aggregate_seconds=result.aggregate_seconds,
-            **self.privacy_fields(aggregator.dp),
+            **self.privacy_fields(aggregator.dp), **result.extra,
         )
 
     @staticmethod

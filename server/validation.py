@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedllm.cooperation.knowledge import IDS, KNOWLEDGE, LENGTHS, LOGPROBS, MAX_ANSWER_TOKENS, Answer, BadKnowledge, from_arrays
 from fedllm.core.nodes import NodeInfo, NodeRefused, ReplyRejected
 from fedllm.evaluation import LOSS, POOLED, Scores
 from fedllm.wire import UploadCodec, decode, wire_entries, wire_names
@@ -122,7 +123,7 @@ def checked_upload(node: int, arrays: ArrayRecord, shapes: dict[str, torch.Size]
         raise ReplyRejected(f"node {node}: {' and '.join(problems)} compared with the {len(expected)} expected")
     wire, limits = {}, wire_entries(shapes, codec)
     for name, dtype in expected.items():
-        check_declared(node, name, arrays[name], dtype, limits[name], codec)
+        check_declared(node, name, arrays[name], dtype, limits[name], f"with upload-dtype {codec.dtype} ")
         try:
             wire[name] = arrays[name].numpy()
         except Exception as error:  # noqa: BLE001 - any unreadable array is the client's fault
@@ -144,18 +145,37 @@ def checked_upload(node: int, arrays: ArrayRecord, shapes: dict[str, torch.Size]
 NPY_HEADER_BYTES = 4096  # numpy's .npy header is at most a few hundred bytes
 
 
-def check_declared(node: int, name: str, array: object, dtype: np.dtype, max_entries: int, codec: UploadCodec) -> None:
+def check_declared(node: int, name: str, array: object, dtype: np.dtype, max_entries: int, why: str = "") -> None:
     """An array's declared type, dtype, shape and byte size within what the run expects, checked
     before a byte of it is decoded (a node cannot make the server decode a 256 MiB array)."""
     if not isinstance(array, Array) or array.stype != "numpy.ndarray":
         raise ReplyRejected(f"node {node}: {name} is not a numpy array record")
     if array.dtype != str(dtype):
-        raise ReplyRejected(f"node {node}: {name} has dtype {array.dtype}; with upload-dtype {codec.dtype} the server "
-                            f"accepts {dtype} only")
+        raise ReplyRejected(f"node {node}: {name} has dtype {array.dtype}; {why}the server accepts {dtype} only")
     entries = math.prod(array.shape) if all(_is_int(d) and d >= 0 for d in array.shape) else -1
     if not 0 <= entries <= max_entries or len(array.data) > entries * dtype.itemsize + NPY_HEADER_BYTES:
         raise ReplyRejected(f"node {node}: {name} declares shape {tuple(array.shape)[:8]} and {len(array.data)} bytes, "
                             f"more than the {max_entries} entries it can hold; not decoded")
+
+
+def checked_knowledge(node: int, content: RecordDict, prompts: int, top_k: int, vocabulary: int) -> list[Answer]:
+    """A cooperating node's answers to the round's public prompts (`fedllm.cooperation.knowledge`):
+    each array's declared size bounded before it is decoded, then every value checked."""
+    record = content.get(KNOWLEDGE)
+    if not isinstance(record, ArrayRecord):
+        raise ReplyRejected(f"node {node}: its reply has no '{KNOWLEDGE}' record of answers to the public prompts")
+    rows = prompts * MAX_ANSWER_TOKENS
+    limits = {LENGTHS: (np.dtype(np.int64), prompts), IDS: (np.dtype(np.int64), rows * top_k),
+              LOGPROBS: (np.dtype(np.float32), rows * top_k)}
+    if set(record) != set(limits):
+        raise ReplyRejected(f"node {node}: knowledge arrays {sorted(record)[:5]}, expected {sorted(limits)}")
+    for name, (dtype, entries) in limits.items():
+        check_declared(node, name, record[name], dtype, entries)
+    try:
+        return from_arrays({name: record[name].numpy() for name in limits}, prompts=prompts, top_k=top_k,
+                           max_tokens=MAX_ANSWER_TOKENS, vocabulary=vocabulary)
+    except BadKnowledge as error:
+        raise ReplyRejected(f"node {node}: {error}") from None
 
 
 def check_examples(node: int, metrics: MetricRecord | ConfigRecord, info: NodeInfo | None) -> int:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "simulations"))
 
 from fedllm.study import execute, load_study, plot_study, settings_table  # noqa: E402
 
-STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy", "emulator", "real")  # then any other study file
+STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy", "emulator", "real", "cooperation")  # then any other study file
 
 
 BENCH_HEADING = "Simulation at scale"

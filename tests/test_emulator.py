@@ -49,7 +49,7 @@ def test_emulators_keep_first_last_and_an_even_spread():
     assert ClientModel.parse("full").is_full and str(ClientModel.parse("emulator:0.5")) == "emulator:0.5"
 
 
-@pytest.mark.parametrize("text", ["emulator:1", "emulator:0", "emulator:1.5", "emulator:0.0", "half", "emulator:"])
+@pytest.mark.parametrize("text", ["emulator:1", "emulator:0", "emulator:1.5", "emulator:0.0", "emulator:half", "emulator:"])
 def test_bad_client_models_are_refused_with_what_is_accepted(text):
     with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
         ClientModel.parse(text)

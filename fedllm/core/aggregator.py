@@ -49,9 +49,10 @@ class Contribution:
 class Aggregator:
     """ΔW_g, the server optimizer's moments, and this round's sent states; changed only here."""
 
-    def __init__(self, cfg: RunConfig, method: PeftMethod) -> None:
+    def __init__(self, cfg: RunConfig, method: PeftMethod, nodes: NodeRegistry | None = None) -> None:
+        """`nodes`: the run's registry, when this aggregator merges the clients of another model."""
         self.cfg, self.method = cfg, method
-        self.nodes = NodeRegistry()
+        self.nodes = nodes if nodes is not None else NodeRegistry()
         self.server_method: ServerMethod = build_server_method(cfg, method)
         self.dp = ServerDp(cfg) if cfg.dp != "none" else None
         self.operator = get_operator(cfg.aggregation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedllm.config import RunConfig
+from fedllm.cooperation.align import Target
+from fedllm.cooperation.distill import distill
 from fedllm.data import Example, client_share, load_examples, load_splits
 from fedllm.data.format import Prompter
 from fedllm.emulator import FULL, EmulatorError, LayerMap, instantiate, load_cached, save_cached, verified
@@ -58,6 +60,9 @@ class Worker:
             self.peft_model.add_adapter(name, self.method.peft_config(rank))
         self.peft_model.set_adapter(name)
         return self.peft_model, name
+
+    def prompter(self, cfg: RunConfig) -> Prompter:
+        return Prompter(self.tokenizer, cfg.prompt_format)
 
     def training_data(self, cfg: RunConfig, node: NodeSettings) -> list[Encoded]:
         """This client's training examples, encoded once."""
@@ -142,15 +147,23 @@ class LocalResult:
 
 def local_round(
     cfg: RunConfig, node: NodeSettings, worker: Worker, received: dict[str, torch.Tensor], server_round: int,
-    steps: int,
+    steps: int, teacher: Sequence[Target] = (),
 ) -> LocalResult:
-    """Train `steps` steps from the received state. Seeded per (seed, round, partition), so a round
-    can be replayed exactly."""
+    """Train `steps` steps from the received state (after `client-distill-steps` on the server
+    model's answers `teacher`, in cooperation). Seeded per (seed, round, partition), so a round can
+    be replayed exactly."""
     started = time.perf_counter()
     data = worker.training_data(cfg, node)
     model, adapter = worker.adapter(node.rank)
-    update, loss = train_round(cfg, worker.method, model, adapter, received, data, steps,
-                               local_training_seed(cfg.seed, server_round, node.partition_id), worker.tokenizer.pad_token_id)
+    seed = local_training_seed(cfg.seed, server_round, node.partition_id)
+    worker.method.install(model, adapter, received)
+    torch.manual_seed(seed)  # dropout draws from the global RNG
+    if teacher and cfg.client_distill_steps:
+        distill(model, worker.prompter(cfg), teacher, steps=cfg.client_distill_steps, batch_size=cfg.batch_size,
+                learning_rate=cfg.distill_learning_rate, alpha=cfg.distill_alpha, seed=seed,
+                max_length=context_length(model) or 512)
+    update, loss = train_installed(cfg, worker.method, model, adapter, received, data, steps, seed,
+                                   worker.tokenizer.pad_token_id)
     return LocalResult(update, loss, len(data), time.perf_counter() - started)
 
 
@@ -170,6 +183,14 @@ def train_round(
     upload (`method.upload` of trained vs received) and the mean training loss."""
     method.install(model, adapter, received)
     torch.manual_seed(seed)  # dropout draws from the global RNG
+    return train_installed(cfg, method, model, adapter, received, data, steps, seed, pad_id)
+
+
+def train_installed(
+    cfg: RunConfig, method: PeftMethod, model: PeftModel, adapter: str, received: Tensors, data: list[Encoded],
+    steps: int, seed: int, pad_id: int,
+) -> tuple[Tensors, float]:
+    """`train_round` after the received state is installed: train, and the upload and mean loss."""
     loss = train_steps(model, data, steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),
                        seed=seed, pad_id=pad_id)
     return method.upload(method.trained(model, adapter), received, cfg.additive_uploads()), loss
@@ -184,6 +205,15 @@ def worker_for(cfg: RunConfig) -> Worker:
     if key not in _WORKERS:
         base, tokenizer = load_model(cfg.model, pick_device())
         _WORKERS[key] = Worker(cfg, cfg.model, base, tokenizer)
+    return _WORKERS[key]
+
+
+def model_worker(cfg: RunConfig, name: str) -> Worker:
+    """The process-wide worker of another model than the server's (cooperation), built on first use."""
+    key = f"{cfg.digest()}:{name}"
+    if key not in _WORKERS:
+        base, tokenizer = load_model(name, pick_device())
+        _WORKERS[key] = Worker(cfg, name, base, tokenizer)
     return _WORKERS[key]
 
 

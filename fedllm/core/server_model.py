@@ -15,10 +15,11 @@ from fedllm.evaluation import Scores, context_length, score
 class ServerModel:
     """The base model with the run's PEFT method and the exact global update installed."""
 
-    def __init__(self, cfg: RunConfig, test: list[Example]) -> None:
+    def __init__(self, cfg: RunConfig, test: list[Example], name: str | None = None) -> None:
+        """`name`: another model than the run's `model` (the merged model of a family of clients)."""
         self.cfg = cfg
         self.test = test
-        base, self.tokenizer = load_model(cfg.model, pick_device())
+        base, self.tokenizer = load_model(name or cfg.model, pick_device())
         self.method = build_method(cfg, base)
         self.model = self.method.evaluation_model(base)
         self.prompter = Prompter(self.tokenizer, cfg.prompt_format)

@@ -36,9 +36,10 @@ class DatasetError(ValueError):
     """A data set could not be loaded; the message says which file, where and why."""
 
 
-def load_examples(path: str | Path) -> list[Example]:
+def load_examples(path: str | Path, *, outputs: bool = True) -> list[Example]:
     """Load a local instruction data set; the format is chosen by the extension
-    (.json: a top-level list of objects, .jsonl: one object per line, .csv: header row)."""
+    (.json: a top-level list of objects, .jsonl: one object per line, .csv: header row). With
+    `outputs` False (prompts only, e.g. public prompts) an example's output may be missing: ''."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _EXTENSIONS:
@@ -60,7 +61,7 @@ def load_examples(path: str | Path) -> list[Example]:
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the file ({exc})") from exc
     loader = {".json": _load_json, ".jsonl": _load_jsonl, ".csv": _load_csv}[suffix]
-    examples = loader(text, str(path))
+    examples = loader(text, str(path), outputs)
     if not examples:
         raise DatasetError(f"{path}: no records found")
     return examples
@@ -88,7 +89,7 @@ def load_hf_dataset(name: str, split: str = "train") -> list[Example]:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_json(text: str, name: str) -> list[Example]:
+def _load_json(text: str, name: str, outputs: bool = True) -> list[Example]:
     try:
         data = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as exc:
@@ -102,10 +103,10 @@ def _load_json(text: str, name: str) -> list[Example]:
             f"{name}: expected a top-level JSON list of records, got {_kind(data)} "
             f"(use .jsonl for one object per line)"
         )
-    return [_to_example(record, f"{name} record {i}") for i, record in enumerate(data)]
+    return [_to_example(record, f"{name} record {i}", outputs) for i, record in enumerate(data)]
 
 
-def _load_jsonl(text: str, name: str) -> list[Example]:
+def _load_jsonl(text: str, name: str, outputs: bool = True) -> list[Example]:
     examples = []
     # split on "\n" only: str.splitlines would also split at U+2028, legal inside JSON strings
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -119,7 +120,7 @@ def _load_jsonl(text: str, name: str) -> list[Example]:
             ) from exc
         except RecursionError as exc:
             raise _too_deep(f"{name} line {lineno}") from exc
-        examples.append(_to_example(record, f"{name} line {lineno}"))
+        examples.append(_to_example(record, f"{name} line {lineno}", outputs))
     return examples
 
 
@@ -131,7 +132,7 @@ def _too_deep(where: str) -> DatasetError:
     )
 
 
-def _load_csv(text: str, name: str) -> list[Example]:
+def _load_csv(text: str, name: str, outputs: bool = True) -> list[Example]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     examples = []
     header: list[str] | None = None
@@ -146,7 +147,7 @@ def _load_csv(text: str, name: str) -> list[Example]:
                 duplicates = sorted({c for c in header if header.count(c) > 1})
                 if duplicates:
                     raise DatasetError(f"{name} line {start}: duplicate columns {duplicates}")
-                for field in ("instruction", "output"):
+                for field in ("instruction", "output") if outputs else ("instruction",):
                     if field not in header:
                         raise DatasetError(
                             f"{name} line {start}: the header has no {field!r} column "
@@ -158,19 +159,19 @@ def _load_csv(text: str, name: str) -> list[Example]:
                     f"{name} line {start}: {len(row)} values but the header has "
                     f"{len(header)} columns (quote values that contain commas)"
                 )
-            examples.append(_to_example(dict(zip(header, row)), f"{name} line {start}"))
+            examples.append(_to_example(dict(zip(header, row)), f"{name} line {start}", outputs))
     except csv.Error as exc:
         # raised while reading the next record, which starts on line `line + 1`
         raise DatasetError(f"{name} line {line + 1}: malformed CSV ({exc})") from exc
     return examples
 
 
-def _to_example(record: Any, where: str) -> Example:
+def _to_example(record: Any, where: str, outputs: bool = True) -> Example:
     """Validate one record (``where`` names file and position) and build the Example."""
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: expected an object with named fields, got {_kind(record)}")
     values = {}
-    for field, required in (("instruction", True), ("input", False), ("output", True), ("task", False)):
+    for field, required in (("instruction", True), ("input", False), ("output", outputs), ("task", False)):
         value = record.get(field)
         if value is None:
             if required:
@@ -192,7 +193,7 @@ def _to_example(record: Any, where: str) -> Example:
             raise DatasetError(f"{where}: field {field!r} is empty")
         values[field] = value
     task = values.get("task", "").strip() or "default"
-    return Example(values["instruction"], values.get("input", ""), values["output"], task)
+    return Example(values["instruction"], values.get("input", ""), values.get("output", ""), task)
 
 
 def _kind(value: Any) -> str:
