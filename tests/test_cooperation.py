@@ -117,15 +117,16 @@ def test_the_servers_answers_reach_a_client_as_they_were_aligned(char, bpe):
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_answers(char):
-    model, _ = load_model("builtin:tiny")
+def builtin_answers(char):
+    """A builtin model's answers (builtin:micro, built in seconds: the quick loop stays quick)."""
+    model, _ = load_model("builtin:micro")
     prompts = [Example(e.instruction, e.input, "", e.task) for e in generate(SUITE_TASKS, 2, seed=5)]
     return prompts, answer(model, char, prompts, top_k=4, max_new_tokens=16, max_length=128)
 
 
-def test_answers_are_greedy_with_the_models_own_token_first(tiny_answers, char):
-    prompts, answers = tiny_answers
-    model, _ = load_model("builtin:tiny")
+def test_answers_are_greedy_with_the_models_own_token_first(builtin_answers, char):
+    prompts, answers = builtin_answers
+    model, _ = load_model("builtin:micro")
     from fedllm.evaluation import generate_answers
 
     texts = generate_answers(model, char, prompts, 16, max_length=128)
@@ -139,8 +140,8 @@ def knowledge_record(arrays: dict[str, np.ndarray]) -> RecordDict:
     return RecordDict({KNOWLEDGE: ArrayRecord({name: Array(array) for name, array in arrays.items()})})
 
 
-def test_well_formed_answers_pass_the_servers_checks(tiny_answers, char):
-    prompts, answers = tiny_answers
+def test_well_formed_answers_pass_the_servers_checks(builtin_answers, char):
+    prompts, answers = builtin_answers
     checked = checked_knowledge(7, knowledge_record(to_arrays(answers)), len(prompts), 4, len(char.tokenizer))
     assert all(torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs) for a, b in zip(answers, checked))
 
@@ -150,16 +151,16 @@ def test_well_formed_answers_pass_the_servers_checks(tiny_answers, char):
     ("knowledge-top-k", r"expected \(\d+, 4\)"),
     ("knowledge-vocab", r"token ids in \[0, 100\)"),
 ])
-def test_bad_answers_are_rejected_like_bad_updates(tiny_answers, char, kind, message):
-    prompts, answers = tiny_answers
+def test_bad_answers_are_rejected_like_bad_updates(builtin_answers, char, kind, message):
+    prompts, answers = builtin_answers
     cfg = RunConfig.from_flower({"fault-injection": f"3:{kind}"})
     record = apply_to_knowledge(cfg, 3, knowledge_record(to_arrays(answers))[KNOWLEDGE])
     with pytest.raises(ReplyRejected, match=f"node 7: .*{message}"):
         checked_knowledge(7, RecordDict({KNOWLEDGE: record}), len(prompts), 4, len(char.tokenizer))
 
 
-def test_answers_that_claim_too_much_are_refused_before_decoding(tiny_answers, char):
-    prompts, answers = tiny_answers
+def test_answers_that_claim_too_much_are_refused_before_decoding(builtin_answers, char):
+    prompts, answers = builtin_answers
     arrays = to_arrays(answers)
     with pytest.raises(ReplyRejected, match="one answer per public prompt"):
         checked_knowledge(7, knowledge_record(arrays), len(prompts) + 1, 4, len(char.tokenizer))
@@ -179,8 +180,8 @@ def test_answers_that_claim_too_much_are_refused_before_decoding(tiny_answers, c
 # Distillation, public prompts, settings
 # --------------------------------------------------------------------------------------------
 
-def test_distilling_lowers_the_kl_to_a_teacher_of_another_tokenizer_on_a_fixed_batch(tiny_answers, char, bpe, smollm2_path):
-    prompts, answers = tiny_answers
+def test_distilling_lowers_the_kl_to_a_teacher_of_another_tokenizer_on_a_fixed_batch(builtin_answers, char, bpe, smollm2_path):
+    prompts, answers = builtin_answers
     vocabulary = VocabularyMap(char.tokenizer, bpe.tokenizer)
     targets = [align(a, char, bpe, vocabulary, p) for a, p in zip(answers, prompts)][:4]
     assert any(isinstance(s, SoftTarget) for t in targets for s in t.soft)
@@ -229,6 +230,7 @@ def test_another_model_as_client_model_needs_cooperation_and_cooperation_needs_o
     assert [cfg.client_model_for_partition(p) for p in range(3)] == ["full", "builtin:micro", "full"]
 
 
+@pytest.mark.slow  # it needs the pre-trained builtin:tiny, which a fresh cache builds in about 3 minutes
 def test_answers_on_public_prompts_show_a_grading_server_which_tasks_a_client_holds(char):
     """What cooperation reveals (docs/privacy.md): a server that can grade the public prompts names
     the tasks a client trained on from a single round's answers."""
