@@ -113,7 +113,8 @@ class Cooperation:
 
     def checked_answers(self, node_id: int, family: Family, content: RecordDict) -> list[Answer]:
         """The node's answers to the round's prompts; `ReplyRejected` if anything is wrong with them."""
-        return checked_knowledge(node_id, content, len(self.prompts), self.cfg.distill_top_k, len(family.model.tokenizer))
+        vocabulary = family.model.model.get_output_embeddings().weight.shape[0]  # what its logits range over
+        return checked_knowledge(node_id, content, len(self.prompts), self.cfg.distill_top_k, vocabulary)
 
     def complete(self, server_round: int, contributions: list[Contribution], answers: dict[int, list[Answer]],
                  aggregator: Aggregator) -> dict[str, Any]:

@@ -131,6 +131,7 @@ def _carried(answer: Answer, positions, student_id: int, vocabulary: VocabularyM
 # TEACHER (their soft targets, `pack`'s arrays).
 TEACHER, TEACHER_TEXTS = "server-answers", "server-answer-texts"
 SOFT_COUNTS, SOFT_IDS, SOFT_PROBS = "soft-counts", "soft-ids", "soft-probs"
+MAX_ANSWER_CHARS = 4000  # an answer of MAX_ANSWER_TOKENS tokens is far shorter; checked before tokenizing it
 
 
 def pack(targets: list[Target]) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -152,6 +153,8 @@ def unpack(prompts: list[Example], texts: list[str], arrays: dict[str, np.ndarra
     counts, ids, probs = (arrays.get(k) for k in (SOFT_COUNTS, SOFT_IDS, SOFT_PROBS))
     if counts is None or ids is None or probs is None or len(texts) != len(prompts) or counts.shape != (len(prompts),):
         raise ValueError(f"the server's answers: {len(texts)} texts and counts for {len(prompts)} prompts expected")
+    if any(not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS for text in texts):
+        raise ValueError(f"the server's answers: a text that is not a string of at most {MAX_ANSWER_CHARS} characters")
     if ids.shape != probs.shape or ids.ndim != 2 or ids.shape[0] != int(counts.sum()):
         raise ValueError("the server's answers: soft targets of inconsistent shapes")
     if ids.size and (ids.min() < 0 or ids.max() >= vocabulary) or not np.isfinite(probs).all() or (probs < 0).any():
