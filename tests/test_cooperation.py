@@ -22,6 +22,7 @@ from fedllm.cooperation.knowledge import KNOWLEDGE, Answer, answer, to_arrays
 from fedllm.cooperation.public import public_pool, round_prompts
 from fedllm.cooperation.teachers import choose_teacher
 from fedllm.core.nodes import ReplyRejected
+from fedllm.data import BUILTIN_SUITES
 from fedllm.data.example import Example
 from fedllm.data.format import Prompter
 from fedllm.data.tasks import SUITE_TASKS, builtin_suite, generate
@@ -206,6 +207,13 @@ def test_public_prompts_never_include_a_test_prompt_and_vary_by_round():
     pool = public_pool("", "builtin", seed=0, exclude=test[:3])
     assert all(p.output == "" for p in pool) and not {(e.instruction, e.input) for e in test[:3]} & {(p.instruction, p.input) for p in pool}
     assert round_prompts(pool, 8, 0, 1) == round_prompts(pool, 8, 0, 1) != round_prompts(pool, 8, 0, 2)
+
+
+def test_every_builtin_suite_gives_public_prompts_of_each_of_its_tasks():
+    for suite, tasks in BUILTIN_SUITES.items():  # structured tasks have fewer distinct inputs than the letter ones
+        for seed in range(3):
+            pool = public_pool("", suite, seed=seed)
+            assert {p.task for p in pool} == {t.name for t in tasks} and len(pool) >= 100 * len(tasks)
 
 
 def test_a_public_file_needs_no_outputs(tmp_path):

@@ -12,7 +12,7 @@ from fedllm.data.tasks import generate
 from fedllm.seeds import public_prompts_rng
 
 PUBLIC = "public"  # the train message record that carries a round's public prompts
-BUILTIN_PUBLIC_PER_TASK = 500
+BUILTIN_PUBLIC_PER_TASK = 250
 PUBLIC_SEED_OFFSET = 7_777_777  # builtin public prompts come from another seed than the run's data
 MAX_PROMPT_CHARS = 4000  # a public prompt's instruction and input together, as sent to the clients
 
