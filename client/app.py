@@ -28,6 +28,7 @@ from fedllm.cooperation.knowledge import KNOWLEDGE
 from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD, ClientModel
 from fedllm.evaluation import POOLED
 from fedllm.logs import quiet_third_party
+from fedllm.seeds import knowledge_noise_seed
 from fedllm.wire import encode
 
 app = ClientApp()
@@ -71,7 +72,8 @@ def train(msg: Message, context: Context) -> Message:
         "pid": os.getpid(), "model-builds": MODEL_BUILDS[worker.name],
     }))
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
-    knowledge = {KNOWLEDGE: faults.apply_to_knowledge(cfg, node.partition_id, knowledge_record(cfg, worker, node.rank, public))
+    seed = knowledge_noise_seed(cfg.seed, server_round, node.partition_id)
+    knowledge = {KNOWLEDGE: faults.apply_to_knowledge(cfg, node.partition_id, knowledge_record(cfg, worker, node.rank, public, seed))
                  } if public else {}
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, **knowledge}), reply_to=msg)
 

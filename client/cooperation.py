@@ -30,9 +30,11 @@ def cooperation_inputs(cfg: RunConfig, worker: Worker, content: RecordDict) -> t
     return prompts, targets
 
 
-def knowledge_record(cfg: RunConfig, worker: Worker, rank: int, prompts: list[Example]) -> ArrayRecord:
-    """The trained model's answers to the public prompts, with the top-k of every token."""
+def knowledge_record(cfg: RunConfig, worker: Worker, rank: int, prompts: list[Example], seed: int) -> ArrayRecord:
+    """The trained model's answers to the public prompts, with the top-k of every token (noised
+    by `knowledge-noise`, drawn from `seed`)."""
     model, _ = worker.adapter(rank)
     answers = answer(model, worker.prompter(cfg), prompts, top_k=cfg.distill_top_k,
-                     max_new_tokens=MAX_ANSWER_TOKENS, max_length=context_length(model))
+                     max_new_tokens=MAX_ANSWER_TOKENS, max_length=context_length(model),
+                     noise=cfg.knowledge_noise, seed=seed)
     return ArrayRecord({name: Array(array) for name, array in to_arrays(answers).items()})

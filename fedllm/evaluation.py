@@ -191,9 +191,10 @@ def _prompt_room(max_length: int | None, max_new_tokens: int) -> int | None:
 
 
 def greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, stop_id: int,
-           observe: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+           scores: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
     """Up to `max_new_tokens` argmax tokens after each row of `ids`, each cut before its first `stop_id`;
-    `observe`, if given, sees each step's next-token logits (rows × vocabulary).
+    `scores`, if given, maps each step's next-token logits (rows × vocabulary) to what the argmax is
+    taken of (it may record them, or add noise).
 
     Each step after the first feeds only the new token and the KV cache. For a peft prompt-learning
     model the first step goes through peft (which puts the virtual tokens or the prefix in front),
@@ -208,9 +209,8 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, stop_
         if step:
             mask = torch.ones(len(ids), virtual + ids.shape[1], dtype=torch.long, device=ids.device)
             out = step_model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{name: out[name]})
-        if observe is not None:
-            observe(out.logits[:, -1])
-        next_ids = out.logits[:, -1].argmax(dim=-1).masked_fill(done, stop_id)
+        logits = out.logits[:, -1] if scores is None else scores(out.logits[:, -1])
+        next_ids = logits.argmax(dim=-1).masked_fill(done, stop_id)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         done |= next_ids == stop_id
         if done.all():

@@ -62,6 +62,11 @@ def public_prompts_rng(seed: int, server_round: int) -> random.Random:
     return random.Random(f"{seed}:public:{server_round}")
 
 
+def knowledge_noise_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The noise a client adds to its answers on public prompts in one round (`knowledge-noise`)."""
+    return seed * 100_043 + server_round * 1019 + partition_id
+
+
 def server_distill_seed(seed: int, server_round: int) -> int:
     """The server's batch order when it distils the client models' knowledge in a round."""
     return seed * 100_019 + server_round * 1013

@@ -56,18 +56,29 @@ class Answer:
 
 @torch.no_grad()
 def answer(model: torch.nn.Module, prompter: Prompter, prompts: Sequence[Example], *, top_k: int,
-           max_new_tokens: int, max_length: int | None, batch_size: int = 64) -> list[Answer]:
+           max_new_tokens: int, max_length: int | None, batch_size: int = 64, noise: float = 0.0,
+           seed: int = 0) -> list[Answer]:
     """`model`'s greedy answers to `prompts` (their outputs are not read), with the top-`top_k`
-    log-probabilities of every answer token."""
+    log-probabilities of every answer token. With `noise` σ > 0, Gaussian noise N(0, σ²) (seeded)
+    is added to every token's log-probabilities before the token is chosen and its top-k are
+    taken, renormalised: report-noisy-max, so the answers themselves blur, not only their numbers."""
     device = next(model.parameters()).device
     rows = prompts_for_generation(prompter, prompts, max_new_tokens, max_length)
     answers: list[Answer | None] = [None] * len(prompts)
     model.eval()
+    generator = torch.Generator().manual_seed(seed)
     for chunk in equal_length_batches(rows, batch_size):
         steps: list[torch.return_types.topk] = []
-        observe = lambda logits: steps.append(torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1))  # noqa: E731
+
+        def scores(logits: torch.Tensor) -> torch.Tensor:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            if noise:
+                logprobs = torch.log_softmax(logprobs + noise * torch.randn(logprobs.shape, generator=generator).to(logprobs.device), dim=-1)
+            steps.append(logprobs.topk(top_k, dim=-1))
+            return logprobs
+
         ids = torch.tensor([rows[i] for i in chunk], device=device)
-        for row, (index, tokens) in enumerate(zip(chunk, greedy(model, ids, max_new_tokens, prompter.stop_id, observe))):
+        for row, (index, tokens) in enumerate(zip(chunk, greedy(model, ids, max_new_tokens, prompter.stop_id, scores))):
             length = min(len(tokens) + 1, len(steps))  # the end-of-turn token too, where the answer stopped
             answers[index] = Answer(torch.stack([steps[s].indices[row] for s in range(length)]).cpu(),
                                     torch.stack([steps[s].values[row] for s in range(length)]).cpu())

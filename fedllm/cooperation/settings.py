@@ -44,6 +44,11 @@ class CooperationSettings(Settings):
         "distill-alpha", 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]",
         "cooperation: weight of the teacher's answer tokens (hard labels) against its distributions (soft)",
     )
+    knowledge_noise: float = setting(
+        "knowledge-noise", 0.0, lambda v: v >= 0, "a number >= 0 (0: none)",
+        "cooperation: std of the Gaussian noise a client adds to its log-probabilities before choosing each "
+        "answer token and its top-k (blurs what its answers reveal; not a formal DP guarantee)",
+    )
     distill_learning_rate: float = setting(
         "distill-learning-rate", 1e-3, positive, "a number > 0", "cooperation: AdamW learning rate of distillation",
     )
