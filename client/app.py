@@ -28,7 +28,6 @@ from fedllm.cooperation.knowledge import KNOWLEDGE
 from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD, ClientModel
 from fedllm.evaluation import POOLED
 from fedllm.logs import quiet_third_party
-from fedllm.seeds import knowledge_noise_seed
 from fedllm.wire import encode
 
 app = ClientApp()
@@ -72,9 +71,10 @@ def train(msg: Message, context: Context) -> Message:
         "pid": os.getpid(), "model-builds": MODEL_BUILDS[worker.name],
     }))
     arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
-    seed = knowledge_noise_seed(cfg.seed, server_round, node.partition_id)
-    knowledge = {KNOWLEDGE: faults.apply_to_knowledge(cfg, node.partition_id, knowledge_record(cfg, worker, node.rank, public, seed))
-                 } if public else {}
+    knowledge = {}
+    if public:
+        answers = knowledge_record(cfg, worker, node, public, server_round)
+        knowledge[KNOWLEDGE] = faults.apply_to_knowledge(cfg, node.partition_id, answers)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, **knowledge}), reply_to=msg)
 
 

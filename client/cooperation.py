@@ -10,9 +10,10 @@ from fedllm.config import RunConfig
 from fedllm.cooperation.align import TEACHER, TEACHER_TEXTS, Target, unpack
 from fedllm.cooperation.knowledge import MAX_ANSWER_TOKENS, answer, to_arrays
 from fedllm.cooperation.public import PUBLIC, from_lists
-from fedllm.core.local import Worker
+from fedllm.core.local import NodeSettings, Worker
 from fedllm.data.example import Example
 from fedllm.evaluation import context_length
+from fedllm.seeds import knowledge_noise_seed
 
 
 def cooperation_inputs(cfg: RunConfig, worker: Worker, content: RecordDict) -> tuple[list[Example], list[Target]]:
@@ -30,11 +31,12 @@ def cooperation_inputs(cfg: RunConfig, worker: Worker, content: RecordDict) -> t
     return prompts, targets
 
 
-def knowledge_record(cfg: RunConfig, worker: Worker, rank: int, prompts: list[Example], seed: int) -> ArrayRecord:
+def knowledge_record(cfg: RunConfig, worker: Worker, node: NodeSettings, prompts: list[Example],
+                     server_round: int) -> ArrayRecord:
     """The trained model's answers to the public prompts, with the top-k of every token (noised
-    by `knowledge-noise`, drawn from `seed`)."""
-    model, _ = worker.adapter(rank)
+    by `knowledge-noise`, seeded per round and partition)."""
+    model, _ = worker.adapter(node.rank)
     answers = answer(model, worker.prompter(cfg), prompts, top_k=cfg.distill_top_k,
-                     max_new_tokens=MAX_ANSWER_TOKENS, max_length=context_length(model),
-                     noise=cfg.knowledge_noise, seed=seed)
+                     max_new_tokens=MAX_ANSWER_TOKENS, max_length=context_length(model), noise=cfg.knowledge_noise,
+                     seed=knowledge_noise_seed(cfg.seed, server_round, node.partition_id))
     return ArrayRecord({name: Array(array) for name, array in to_arrays(answers).items()})

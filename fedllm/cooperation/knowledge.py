@@ -73,7 +73,8 @@ def answer(model: torch.nn.Module, prompter: Prompter, prompts: Sequence[Example
         def scores(logits: torch.Tensor) -> torch.Tensor:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             if noise:
-                logprobs = torch.log_softmax(logprobs + noise * torch.randn(logprobs.shape, generator=generator).to(logprobs.device), dim=-1)
+                drawn = torch.randn(logprobs.shape, generator=generator).to(logprobs.device)
+                logprobs = torch.log_softmax(logprobs + noise * drawn, dim=-1)
             steps.append(logprobs.topk(top_k, dim=-1))
             return logprobs
 
