@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedllm import lowrank
+from fedllm.lowrank import LowRank
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 PEFT_PREFIX = "base_model.model."
-Delta = dict[str, torch.Tensor]  # module name -> ΔW
+Delta = dict[str, lowrank.Update]  # module name -> ΔW, dense or factored
 
 # Linear layers inside the transformer blocks, per architecture (attention and MLP).
 TARGETS_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
@@ -90,12 +93,28 @@ def delta_from_factors(b: torch.Tensor, a: torch.Tensor, scaling: float, transpo
     return delta.T.contiguous() if transposed else delta
 
 
-def deltas_from_state(state: dict[str, torch.Tensor], scaling: float, transposed: dict[str, bool]) -> Delta:
-    """Model-space update of every module in a LoRA state dict."""
-    return {
-        m: delta_from_factors(state[factor_key(m, "B")], state[factor_key(m, "A")], scaling, transposed[m])
-        for m in module_names(state)
-    }
+def factored_delta(b: torch.Tensor, a: torch.Tensor, scaling: float, transposed: bool) -> LowRank:
+    """`s·B·A` kept as its factors, in the base layer's layout."""
+    b, a = b.float(), a.float()  # no copies of float32 factors: the update shares their storage
+    return LowRank.of(a.T, b, scale=scaling) if transposed else LowRank.of(b, a.T, scale=scaling)
+
+
+def factored_change(b: torch.Tensor, a: torch.Tensor, change_b: torch.Tensor, change_a: torch.Tensor, scaling: float,
+                    transposed: bool) -> LowRank:
+    """`s·(B + ΔB)(A + ΔA) − s·BA = s·(B·ΔA + ΔB·A + ΔB·ΔA)` from what was sent and the upload's
+    changes, as three parts that share those tensors: nothing the size of an adapter is copied, and
+    the sent `B` and `A`, the same for every client, are merged once (`LowRank.combination`)."""
+    parts = [(b, change_a), (change_b, a), (change_b, change_a)]
+    parts = [(scaling, x.float(), y.float().T) for x, y in parts]
+    return LowRank(tuple((s, right, left) if transposed else (s, left, right) for s, left, right in parts))
+
+
+def deltas_from_state(state: dict[str, torch.Tensor], scaling: float, transposed: dict[str, bool],
+                      factored: bool = False) -> Delta:
+    """Model-space update of every module in a LoRA state dict (`factored`: as `LowRank` factors)."""
+    product = factored_delta if factored else delta_from_factors
+    return {m: product(state[factor_key(m, "B")], state[factor_key(m, "A")], scaling, transposed[m])
+            for m in module_names(state)}
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,12 @@ def _top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return u[:, :rank], s[:rank], v[:, :rank].T, max(tail, 0.0)
 
 
+def _top_of_factors(delta: LowRank, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """`_top_singular` of a factored update: its exact SVD costs O((rows + cols)·q²), not O(rows·cols·min)."""
+    u, sigma, v = delta.svd()
+    return u[:, :rank], sigma[:rank], v[:, :rank].T, float(sigma[rank:].double().pow(2).sum())
+
+
 def refactor(global_delta: Delta, rank: int, scaling: float, transposed: dict[str, bool], seed: int) -> Refactored:
     """Best rank-r factors `(B, A)` with `s·B·A ≈ ΔW` for every module, split evenly (√σ each).
 
@@ -136,16 +161,20 @@ def refactor(global_delta: Delta, rank: int, scaling: float, transposed: dict[st
     state: dict[str, torch.Tensor] = {}
     squared_error = squared_norm = 0.0
     for module, delta in global_delta.items():
-        matrix = (delta.T if transposed[module] else delta).float()
-        u, sigma, vh, tail = _top_singular(matrix, rank)
-        live = sigma > sigma.max().clamp_min(1e-30) * 1e-6
+        matrix = delta.T if transposed[module] else delta
+        rows, cols = matrix.shape
+        if isinstance(matrix, LowRank):
+            u, sigma, vh, tail = _top_of_factors(matrix, rank)
+        else:
+            u, sigma, vh, tail = _top_singular(matrix.float(), rank)
+        live = sigma > sigma.max().clamp_min(1e-30) * 1e-6 if len(sigma) else sigma > 0
         root = torch.sqrt(sigma * live / scaling)
-        b = torch.zeros(matrix.shape[0], rank)
-        a = (torch.rand(rank, matrix.shape[1], generator=generator) * 2 - 1) / math.sqrt(matrix.shape[1])
+        b = torch.zeros(rows, rank)
+        a = (torch.rand(rank, cols, generator=generator) * 2 - 1) / math.sqrt(cols)
         b[:, : len(sigma)] = u * root
         a[: len(sigma)][live] = (root[:, None] * vh)[live]
         state[factor_key(module, "A")], state[factor_key(module, "B")] = a, b
-        squared_norm += float(matrix.double().pow(2).sum())
+        squared_norm += lowrank.squared_norm(matrix)
         squared_error += tail + float((sigma * ~live).double().pow(2).sum())
     return Refactored(state, squared_error, squared_norm)
 
@@ -157,7 +186,7 @@ def merge_into(model: PreTrainedModel, base_weights: dict[str, torch.Tensor], gl
         for module, w0 in base_weights.items():
             delta = global_delta.get(module)
             weight = layers[module].weight
-            weight.copy_(w0 if delta is None else w0 + delta.to(weight.device, weight.dtype))
+            weight.copy_(w0 if delta is None else w0 + lowrank.dense(delta).to(weight.device, weight.dtype))
 
 
 def base_weights_of(model: PreTrainedModel, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from fedllm.lowrank import Update, flatten, unflatten
 from fedllm.outputs import private_folder, write_private
 
 FOLDER = "checkpoints"
@@ -45,8 +46,8 @@ class RunState:
     """
 
     round: int
-    global_delta: dict[str, torch.Tensor]
-    optimizer_state: dict[str, dict[str, torch.Tensor]]
+    global_delta: dict[str, Update]  # dense or factored per module
+    optimizer_state: dict[str, dict[str, Update]]
     metrics: list[dict[str, Any]]
     config: dict[str, Any]
     config_digest: str
@@ -76,9 +77,9 @@ def saved_rounds(folder: Path) -> list[int]:
 
 
 def _tensors(state: RunState) -> dict[str, torch.Tensor]:
-    tensors = {_GLOBAL + name: t for name, t in state.global_delta.items()}
+    tensors = {_GLOBAL + name: t for name, t in flatten(state.global_delta).items()}
     for slot, moments in state.optimizer_state.items():
-        tensors.update({f"{_OPTIMIZER}{slot}/{name}": t for name, t in moments.items()})
+        tensors.update({f"{_OPTIMIZER}{slot}/{name}": t for name, t in flatten(moments).items()})
     if state.rng:
         tensors[_TORCH_RNG] = state.rng["torch"]
     return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
@@ -186,6 +187,11 @@ def _state_from(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
             raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
     if not global_delta or any(t.dtype != torch.float32 for t in global_delta.values()):
         raise CheckpointError(f"{path}: its global update is missing or not float32")
+    try:
+        global_delta = unflatten(global_delta)
+        optimizer = {slot: unflatten(moments) for slot, moments in optimizer.items()}
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     if python_rng := metadata.get("rng_python"):
         rng["python"] = _python_rng(path, python_rng)
     if set(rng) not in ({"python", "torch"}, set()):

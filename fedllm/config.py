@@ -190,6 +190,12 @@ class RunConfig(*reversed(SUBSYSTEMS)):  # dataclass fields follow the reversed 
         """Whether uploads must be in additive coordinates (see `PeftMethod.upload`)."""
         return self.upload_codec().sparse or self.secure_aggregation or self.client_side_dp()
 
+    def factored_server(self) -> bool:
+        """Whether the server may keep LoRA updates and ΔW_g as factors (`fedllm.lowrank`): not where
+        it adds dense noise (central DP), receives dense sums or coordinates (additive uploads), or a
+        baseline keeps its own per-client updates."""
+        return not self.additive_uploads() and self.dp == "none" and self.baseline == "none"
+
     def as_dict(self) -> dict[str, Any]:
         """The config under its run-config keys, as written to outputs: secrets left out."""
         return {f.metadata["key"]: toml_value(getattr(self, f.name)) for f in fields(self)

@@ -15,19 +15,18 @@ import math
 import statistics
 from dataclasses import dataclass
 
-import torch
-
+from fedllm.lowrank import Update as ModuleUpdate, squared_norm
 from fedllm.settings import Settings, positive, setting
 
 AUTO = "auto"
 AUTO_NORM_RATIO = 3.0  # max-update-norm = 'auto': updates are scaled down to this multiple of the round's median norm
 
-Update = dict[str, torch.Tensor]
+Update = dict[str, ModuleUpdate]
 
 
 def update_norm(update: Update) -> float:
     """‖τ‖: the L2 norm over every module of a model-space update, in float64."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
+    return math.sqrt(sum(squared_norm(t) for t in update.values()))
 
 
 def clip_to_median(updates: list[Update], ratio: float) -> tuple[list[Update], list[int]]:

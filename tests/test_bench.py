@@ -25,3 +25,17 @@ def test_overhead_is_what_training_and_merging_do_not_explain():
     assert first.overhead == pytest.approx(0.1)
     assert second.training == 5.0  # one client trains alone, whatever the parallelism
     assert second.overhead == pytest.approx(1 - 5.25 / 6.0)
+
+
+def test_the_server_benchmark_sees_a_short_lived_allocation_in_its_peak():
+    import time
+
+    import torch
+    from bench_server import MIB, PeakResident, resident
+
+    with PeakResident() as peak:
+        before = resident()
+        block = torch.ones(100 * MIB // 4)  # 100 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert peak.peak - before >= 90 * MIB

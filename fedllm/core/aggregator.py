@@ -22,7 +22,8 @@ import torch
 from fedllm.adapters import Delta
 from fedllm.core.nodes import NodeRegistry, ReplyRejected
 from fedllm.core.server_methods import ServerMethod, build_server_method
-from fedllm.merge import RANDOMIZED, get_operator
+from fedllm.lowrank import LowRank, Update, compacted, dense, largest_entry
+from fedllm.merge import MEAN, RANDOMIZED, get_operator
 from fedllm.methods import PeftMethod, Sent
 from fedllm.privacy.central import ServerDp
 from fedllm.robust import AUTO, AUTO_NORM_RATIO, cap_weights, clip_to_median, update_norm
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # No fine-tuning moves a weight by this much: a global update with a larger entry is corrupt.
 ABSURD_ENTRY = 1e4
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Aggregator:
         finite or exceeds a numeric `max-update-norm`."""
         tau = self.method.update_from_upload(upload, sent, self.cfg.additive_uploads())
         norm, limit = update_norm(tau), self.cfg.max_update_norm
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) or norm > FLOAT32_MAX:  # factors' float64 norm stays finite where s·B·A overflows
             raise ReplyRejected(f"node {node_id}: its model-space update norm is not finite (overflow in s·B·A)")
         if limit not in (None, AUTO) and norm > limit:
             raise ReplyRejected(f"node {node_id}: model-space update norm {norm:.4g} exceeds max-update-norm {limit:g}")
@@ -187,29 +189,33 @@ class Aggregator:
         return {module: self.merge_module(server_round, index, module, updates, weights)
                 for index, module in enumerate(self.global_delta)}
 
-    def merge_module(self, server_round: int, index: int, module: str, updates: list[Delta], weights: list[float]) -> torch.Tensor:
+    def merge_module(self, server_round: int, index: int, module: str, updates: list[Delta], weights: list[float]) -> Update:
         """The operator over the updates that have `module`, with their weights (the operators
-        normalise them: a layer only some clients trained is their weighted merge); zero if none has it."""
+        normalise them: a layer only some clients trained is their weighted merge); zero if none has it.
+        Factored updates stay factored under a mean operator and are densified for any other."""
         having = [k for k, update in enumerate(updates) if module in update]
         if not having:
-            return torch.zeros_like(self.global_delta[module])
+            current = self.global_delta[module]
+            return LowRank.zeros(current.shape) if isinstance(current, LowRank) else torch.zeros_like(current)
         seed = {"seed": operator_seed(self.cfg.seed, server_round, index)} if self.cfg.aggregation in RANDOMIZED else {}
-        return self.operator(
-            torch.stack([updates[k][module] for k in having]), torch.tensor([weights[k] for k in having]),
-            **self.operator_params, **seed,
-        )
+        chosen, claimed = [updates[k][module] for k in having], torch.tensor([weights[k] for k in having])
+        if self.operator.kind == MEAN and all(isinstance(u, LowRank) for u in chosen):
+            coefficients = self.operator(torch.eye(len(chosen)), claimed, **self.operator_params)  # linear: Σ c_k τ_k
+            return LowRank.combination(chosen, coefficients.tolist())
+        return self.operator(torch.stack([dense(u) for u in chosen]), claimed, **self.operator_params, **seed)
 
     def stepped(self, merged: Delta) -> tuple[Delta, dict[str, Delta]]:
-        """`ΔW_g + server_step(merged)` and the optimizer's new state (neither committed yet)."""
+        """`ΔW_g + server_step(merged)` and the optimizer's new state (neither committed yet); factored
+        modules are re-factored exactly (`LowRank.compacted`)."""
         step, state = self.optimizer.step(merged, self.optimizer_state)
-        return {module: delta + step[module] for module, delta in self.global_delta.items()}, state
+        return {module: compacted(delta + step[module]) for module, delta in self.global_delta.items()}, state
 
     def commit(self, server_round: int, global_delta: Delta, optimizer_state: dict[str, Delta]) -> None:
         """Take a round's result, unless its global update is not finite or absurdly large: then the
         round fails before ΔW_g and the optimizer state change (the run can resume from its last
         good round; nothing of the failed round is checkpointed)."""
-        for module, tensor in global_delta.items():
-            largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        for module, update in global_delta.items():
+            largest = largest_entry(update, exact_above=ABSURD_ENTRY)
             if not math.isfinite(largest) or largest > ABSURD_ENTRY:
                 raise RuntimeError(
                     f"round {server_round}: the merged global update of {module} has an entry of {largest:.3g} "

@@ -30,6 +30,7 @@ class FfaLora(Lora):
 
     name = "ffa-lora"
     variants = ("standard", "rslora")  # DoRA's magnitudes would make the update non-linear in B
+    keeps_factors = False  # its updates are dense sums of B's coordinates
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Lora's own arguments
         super().__init__(*args, **kwargs)

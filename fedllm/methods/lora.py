@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedllm.adapters import (
-    PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, is_transposed, merge_into, module_names,
-    refactor, target_layers,
+    PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, factor_key, factored_change, is_transposed,
+    merge_into, module_names, refactor, target_layers,
 )
+from fedllm.lowrank import LowRank
 from fedllm.methods.base import PeftMethod, Sent, Tensors, check_keys
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Lora(PeftMethod):
     adapts_layers = True
     variants = VARIANTS
     default_learning_rate = 3e-3
+    keeps_factors = True  # a client's update s·B'A' − s·BA can stay factored on the server
 
     def __init__(self, cfg: RunConfig, layers: dict[str, Layer], base_norms: Tensors | None = None) -> None:
         super().__init__(cfg)
@@ -92,6 +94,8 @@ class Lora(PeftMethod):
         self.base_norms = base_norms or {}
         self.w0: Tensors = {}  # the server model's W0, kept aside by evaluation_model
         self.explicit_targets = False  # True: peft targets these modules by name, not every layer's
+        # The server keeps updates and ΔW_g as factors (DoRA's magnitudes and normalisation are dense).
+        self.factored = self.keeps_factors and not self.dora and cfg.factored_server()
 
     @classmethod
     def for_model(cls, cfg: RunConfig, model: PreTrainedModel) -> Lora:
@@ -129,14 +133,15 @@ class Lora(PeftMethod):
     # -- the update space --------------------------------------------------------------------
 
     def zero_update(self) -> Tensors:
-        update = {m: torch.zeros(layer.shape) for m, layer in self.layers.items()}
+        zeros = LowRank.zeros if self.factored else torch.zeros
+        update = {m: zeros(layer.shape) for m, layer in self.layers.items()}
         if self.dora:
             update |= {m + MAGNITUDE: torch.zeros(layer.out_features) for m, layer in self.layers.items()}
         return update
 
     def model_space(self, state: Tensors, rank: int) -> Tensors:
         """The update a peft state stands for: `s·B·A` per module, and for DoRA `m − ‖W0‖_row`."""
-        update = deltas_from_state(state, self.scaling(rank), self.layouts)
+        update = deltas_from_state(state, self.scaling(rank), self.layouts, self.factored)
         if self.dora:
             update |= {m + MAGNITUDE: state[magnitude_key(m)] - self.base_norms[m] for m in module_names(state)}
         return update
@@ -157,6 +162,10 @@ class Lora(PeftMethod):
     def update_from_upload(self, upload: Tensors, sent: Sent, additive: bool) -> Tensors:
         if additive:
             return self.additive_update(upload, sent.rank)
+        if self.factored:
+            return {m: factored_change(sent.state[factor_key(m, "B")], sent.state[factor_key(m, "A")], upload[factor_key(m, "B")],
+                                       upload[factor_key(m, "A")], self.scaling(sent.rank), self.layouts[m])
+                    for m in module_names(sent.state)}
         after = self.model_space({k: sent.state[k] + upload[k] for k in sent.state}, sent.rank)
         return {name: after[name] - sent.reference[name] for name in after}
 
