@@ -110,3 +110,8 @@ class TrainingSettings(Settings):
 
     local_steps: int = setting("local-steps", 40, positive, "an integer >= 1", "optimizer steps per client per round")
     batch_size: int = setting("batch-size", 16, positive, "an integer >= 1", "examples per local step")
+    fedprox_mu: float = setting(
+        "fedprox-mu", 0.0, lambda v: v >= 0, "a number >= 0 (0: plain local training)",
+        "FedProx: weight μ of the proximal term (μ/2)·‖θ − θ_received‖² on the trained parameters, which keeps "
+        "local training near what the server sent",
+    )

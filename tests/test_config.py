@@ -82,3 +82,9 @@ def test_a_run_config_string_flower_cannot_read_is_a_config_error_not_a_tracebac
 
     with pytest.raises(ConfigError, match=r"--run-config 'seed=1 seed=2' cannot be read: .*a key given twice"):
         resolved_config(PROJECT, "seed=1 seed=2")
+
+
+def test_every_run_config_key_is_declared_in_pyproject():
+    from dataclasses import fields
+
+    assert {f.metadata["key"] for f in fields(RunConfig)} - set(app_config()) == set()

@@ -15,7 +15,7 @@ from fedllm.merge import _chunks, sparsify
 from fedllm.merge._chunks import client_seed
 
 ALL = sorted(M.OPERATORS)
-RANDOM = {"dare_linear", "dare_ties", "della"}
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
 DETERMINISTIC = sorted(set(ALL) - RANDOM)
 
 
@@ -55,12 +55,14 @@ def ref_trim(row, density):
     return np.where(np.abs(row) >= kth, row, 0.0)
 
 
-def ref_ties_merge(rows, p):
-    """Elect gamma = sign(sum p_k v_k); mean of agreeing non-zero entries weighted by p; 0 if none."""
+def ref_ties_merge(rows, p, election="mass"):
+    """Elect gamma = sign(sum p_k v_k) (or of sum p_k sign(v_k) by count); mean of agreeing non-zero
+    entries weighted by p; 0 if none."""
     rows = np.asarray(rows, dtype=np.float64)
     out = np.zeros(rows.shape[1])
     for j in range(rows.shape[1]):
-        s = sum(p[k] * rows[k, j] for k in range(len(p)))
+        votes = rows[:, j] if election == "mass" else np.sign(rows[:, j])
+        s = sum(p[k] * votes[k] for k in range(len(p)))
         gamma = np.sign(s)
         num = den = 0.0
         for k in range(len(p)):
@@ -129,24 +131,29 @@ def reference(name, x, w, **params):
     if name == "magnitude_prune":
         return d["scale"] * ref_weighted([ref_trim(r, d["density"]) for r in rows], p)
     if name == "ties":
-        return d["scale"] * ref_ties_merge([ref_trim(r, d["density"]) for r in rows], p)
-    if name == "breadcrumbs":
+        return d["scale"] * ref_ties_merge([ref_trim(r, d["density"]) for r in rows], p, d["election"])
+    if name in ("breadcrumbs", "breadcrumbs_ties"):
         trimmed = [ref_breadcrumbs_row(r, d["density"], d["gamma"]) for r in rows]
+        if name == "breadcrumbs_ties":
+            return d["scale"] * ref_ties_merge(trimmed, p, d["election"])
         return d["scale"] * ref_weighted(trimmed, p)
     if name in ("dare_linear", "dare_ties"):
         dropped = [
             np.where(ref_uniforms(d["seed"], k, r.size) < d["density"], r / d["density"], 0.0)
             for k, r in enumerate(rows)
         ]
-        merge = ref_weighted if name == "dare_linear" else ref_ties_merge
-        return d["scale"] * merge(dropped, p)
-    if name == "della":
+        if name == "dare_ties":
+            return d["scale"] * ref_ties_merge(dropped, p, d["election"])
+        return d["scale"] * ref_weighted(dropped, p)
+    if name in ("della", "della_linear"):
         dropped = []
         for k, r in enumerate(rows):
             probs = ref_della_probs(r, d["density"], d["epsilon"])
             u = ref_uniforms(d["seed"], k, r.size)
             dropped.append(np.where(u < probs, r.astype(np.float32) / probs, 0.0).astype(np.float64))
-        return d["scale"] * ref_ties_merge(dropped, p)
+        if name == "della_linear":
+            return d["scale"] * ref_weighted(dropped, p)
+        return d["scale"] * ref_ties_merge(dropped, p, d["election"])
     if name == "median":
         return ref_median(rows, w)
     if name == "trimmed_mean":
@@ -288,9 +295,11 @@ PARAMS = {
     "magnitude_prune": {"density": 0.3, "scale": 1.3},
     "ties": {"density": 0.3, "scale": 1.1},
     "dare_linear": {"density": 0.4, "seed": 7},
-    "dare_ties": {"density": 0.6, "seed": 3, "scale": 0.9},
+    "dare_ties": {"density": 0.6, "seed": 3, "scale": 0.9, "election": "count"},
     "breadcrumbs": {"density": 0.25, "gamma": 0.05},
+    "breadcrumbs_ties": {"density": 0.25, "gamma": 0.05, "election": "count"},
     "della": {"density": 0.4, "epsilon": 0.2, "seed": 5},
+    "della_linear": {"density": 0.4, "epsilon": 0.2, "seed": 5, "scale": 1.2},
     "median": {},
     "trimmed_mean": {"beta": 0.2},
 }
@@ -422,6 +431,18 @@ def test_della_keep_frequency_follows_rank():
     freq = kept.double().mean(0)
     want = 0.2 + 0.6 * torch.arange(n, dtype=torch.float64) / (n - 1)
     assert ((freq - want).abs() < 0.04).all(), freq
+
+
+def test_della_linear_without_spread_equals_dare_linear():
+    x, w = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)), t([1.0, 2.0, 3.0])
+    close(M.della_linear(x, w, density=0.6, epsilon=0.0, seed=4), M.dare_linear(x, w, density=0.6, seed=4))
+
+
+def test_a_large_client_decides_the_sign_by_mass_but_not_by_count():
+    # one client's +10 against two clients' -1: the weighted sum is +, the count of signs is -
+    x, w = t([[10.0], [-1.0], [-1.0]]), t([1.0, 1.0, 1.0])
+    close(M.ties(x, w, density=1.0), [10.0])
+    close(M.ties(x, w, density=1.0, election="count"), [-1.0])
 
 
 def test_della_without_spread_equals_dare_ties():
@@ -692,7 +713,7 @@ def test_empty_tensor_per_client():
 # ============================================================================ registry
 
 
-def test_registry_has_all_ten():
+def test_registry_has_all_twelve():
     assert set(M.OPERATORS) == {
         "weighted_average",
         "task_arithmetic",
@@ -701,7 +722,9 @@ def test_registry_has_all_ten():
         "dare_linear",
         "dare_ties",
         "breadcrumbs",
+        "breadcrumbs_ties",
         "della",
+        "della_linear",
         "median",
         "trimmed_mean",
     }
@@ -715,11 +738,13 @@ def test_operator_params_and_defaults():
         "weighted_average": {},
         "task_arithmetic": {"scale": 1.0},
         "magnitude_prune": {"density": 0.2, "scale": 1.0},
-        "ties": {"density": 0.2, "scale": 1.0},
+        "ties": {"density": 0.2, "scale": 1.0, "election": "mass"},
         "dare_linear": {"density": 0.5, "scale": 1.0, "seed": 0},
-        "dare_ties": {"density": 0.5, "scale": 1.0, "seed": 0},
+        "dare_ties": {"density": 0.5, "scale": 1.0, "seed": 0, "election": "mass"},
         "breadcrumbs": {"density": 0.2, "gamma": 0.01, "scale": 1.0},
-        "della": {"density": 0.5, "epsilon": 0.15, "scale": 1.0, "seed": 0},
+        "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01, "scale": 1.0, "election": "mass"},
+        "della": {"density": 0.5, "epsilon": 0.15, "scale": 1.0, "seed": 0, "election": "mass"},
+        "della_linear": {"density": 0.5, "epsilon": 0.15, "scale": 1.0, "seed": 0},
         "median": {},
         "trimmed_mean": {"beta": 0.1},
     }

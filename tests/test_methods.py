@@ -194,3 +194,17 @@ def test_learning_rate_defaults_to_the_method_s_own():
     assert RunConfig.from_flower({}).client_learning_rate() == 3e-3
     assert RunConfig.from_flower({"peft-method": "prompt-tuning"}).client_learning_rate() == 0.3
     assert RunConfig.from_flower({"peft-method": "p-tuning", "learning-rate": 0.5}).client_learning_rate() == 0.5
+
+
+def test_fedprox_keeps_a_clients_adapter_near_what_it_was_sent_and_leaves_no_hook_behind():
+    base = tiny_llama()
+    sent = Server(config("lora"), base).method.sent_state(Server(config("lora"), base).update, RANK, seed=1)
+
+    def change(mu: float) -> float:
+        client = Client(config("lora", **{"fedprox-mu": mu}), base)
+        upload, _ = train_round(client.method.cfg, client.method, client.model, client.name, copy.deepcopy(sent.state),
+                                token_data(4), steps=30, seed=4, pad_id=0)
+        assert all(not p._backward_hooks for p in client.model.parameters()), "the proximal hooks are removed"
+        return float(sum(t.norm() ** 2 for t in upload.values()) ** 0.5)
+
+    assert change(1000.0) < 0.5 * change(0.0)

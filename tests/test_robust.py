@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedllm.adapters import factor_key
+from fedllm.config import ConfigError, RunConfig
 from fedllm.core.nodes import NodeInfo
 from fedllm.lowrank import dense
 from fedllm.robust import AUTO_NORM_RATIO, cap_weights, clip_to_median, update_norm
@@ -84,3 +85,16 @@ def test_a_client_claiming_a_million_examples_gains_no_more_than_the_capped_weig
     uncapped, replies = three_clients(attacker_examples=10**6, **{"max-weight-ratio": ""})
     cosine = torch.nn.functional.cosine_similarity(merged(uncapped, replies).flatten(), taus[2].flatten(), dim=0)
     assert cosine > 0.9999, "without the cap the claimed examples buy the whole merge"
+
+
+def test_equal_client_weights_merge_every_client_alike_whatever_it_claims():
+    s, replies = three_clients(attacker_examples=10**6, **{"client-weights": "equal", "max-weight-ratio": ""})
+    taus = [dense(s.contribution(r)[0].update[MODULE]) for r in replies]
+    assert torch.allclose(merged(s, replies), sum(taus) / 3, atol=1e-6)
+    assert s.aggregator.merge_weights == {20: 1.0, 21: 1.0, 22: 1.0}
+
+
+@pytest.mark.parametrize("privacy", [{"secure-aggregation": True}, {"dp": "central", "dp-clip-norm": 1.0}])
+def test_equal_client_weights_are_refused_where_the_privacy_layer_weighs_clients_itself(privacy):
+    with pytest.raises(ConfigError, match="client-weights = 'equal' does not combine"):
+        RunConfig.from_flower({"client-weights": "equal", **privacy})

@@ -161,8 +161,10 @@ class Aggregator:
 
     def bounded_influence(self, contributions: list[Contribution]) -> list[Contribution]:
         """Each client's influence bounded relative to the round (`max-update-norm = 'auto'`,
-        `max-weight-ratio`); what was bounded is noted per node."""
-        updates, weights = [c.update for c in contributions], [c.weight for c in contributions]
+        `max-weight-ratio`; `client-weights = 'equal'` counts every client once); what was bounded
+        is noted per node."""
+        equal = self.cfg.client_weights == "equal"
+        updates, weights = [c.update for c in contributions], [1.0 if equal else c.weight for c in contributions]
         nodes = [c.node_id for c in contributions]
         if self.cfg.max_update_norm == AUTO and not self.cfg.dp_bounds_updates():
             updates, clipped = clip_to_median(updates, AUTO_NORM_RATIO)

@@ -7,10 +7,11 @@ is built once per process and only adapter weights change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,9 +192,30 @@ def train_installed(
     steps: int, seed: int, pad_id: int,
 ) -> tuple[Tensors, float]:
     """`train_round` after the received state is installed: train, and the upload and mean loss."""
-    loss = train_steps(model, data, steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.client_learning_rate(),
-                       seed=seed, pad_id=pad_id)
+    with proximal_term(model, cfg.fedprox_mu):
+        loss = train_steps(model, data, steps=steps, batch_size=cfg.batch_size,
+                           learning_rate=cfg.client_learning_rate(), seed=seed, pad_id=pad_id)
     return method.upload(method.trained(model, adapter), received, cfg.additive_uploads()), loss
+
+
+@contextlib.contextmanager
+def proximal_term(model: torch.nn.Module, mu: float) -> Iterator[None]:
+    """FedProx (Li et al., MLSys 2020, arXiv 1812.06127): while training, each trainable parameter's
+    gradient gains μ·(θ − θ₀), the gradient of (μ/2)·‖θ − θ₀‖², θ₀ its value on entry (what the
+    server sent). With PEFT the parameters are the adapter's (LoRA's factors, prompt tables), as in
+    OpenFedLLM's FedProx; gradient clipping then applies to the sum."""
+    if mu == 0:
+        yield
+        return
+    handles = []
+    for param in (p for p in model.parameters() if p.requires_grad):
+        start = param.detach().clone()
+        handles.append(param.register_hook(lambda grad, param=param, start=start: grad + mu * (param.detach() - start)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 _WORKERS: dict[str, Worker] = {}

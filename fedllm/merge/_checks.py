@@ -83,6 +83,16 @@ def check_density(density: object) -> float:
     return d
 
 
+ELECTIONS = ("mass", "count")
+
+
+def check_election(election: object) -> str:
+    if election not in ELECTIONS:
+        raise ValueError(f"election must be 'mass' (sign of the weighted sum) or 'count' (sign of the weighted "
+                         f"count of signs), got {election!r}")
+    return election
+
+
 def check_scale(scale: object) -> float:
     return _real("scale", scale)
 

@@ -6,7 +6,9 @@ coordinate needs only
     pos_mass = sum_k p_k max(v_k, 0)        neg_mass = sum_k p_k min(v_k, 0)
     pos_weight = sum_k p_k [v_k > 0]         neg_weight = sum_k p_k [v_k < 0]
 
-The elected sign is ``gamma = sign(pos_mass + neg_mass)`` (= sign of the weighted sum) and the
+The elected sign is ``gamma = sign(pos_mass + neg_mass)`` (= sign of the weighted sum; election
+``"mass"``, the TIES paper's) or ``sign(pos_weight - neg_weight)`` (the weighted count of signs;
+election ``"count"``, peft's ``"frequency"``, where a client's size does not scale its vote) and the
 disjoint mean is ``pos_mass / pos_weight`` where ``gamma > 0`` and ``neg_mass / neg_weight``
 where ``gamma < 0``. Conventions:
 
@@ -46,13 +48,17 @@ def add_sums(sums: torch.Tensor, values: torch.Tensor, p: torch.Tensor, scratch:
     return sums
 
 
-def disjoint_mean(sums: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def disjoint_mean(sums: torch.Tensor, out: torch.Tensor, scale: float = 1.0, election: str = "mass") -> torch.Tensor:
     """Write ``scale *`` (elected-sign disjoint mean) of the accumulated ``sums`` into ``out``.
 
-    ``sums`` is consumed (overwritten). Branch-free: ``out = mean+ [total > 0] + mean- [total < 0]``.
+    ``sums`` is consumed (overwritten). Branch-free: ``out = mean+ [total > 0] + mean- [total < 0]``,
+    ``total`` the signed mass or the signed count (``election``).
     """
     pos_mass, neg_mass, pos_weight, neg_weight = sums.unbind(0)
-    total = torch.add(pos_mass, neg_mass, out=out)
+    if election == "count":
+        total = torch.sub(pos_weight, neg_weight, out=out)
+    else:
+        total = torch.add(pos_mass, neg_mass, out=out)
     tiny = torch.finfo(torch.float32).tiny  # a zero weight comes with a zero mass: 0 / tiny = 0
     pos_mass.div_(pos_weight.clamp_(min=tiny))
     neg_mass.div_(neg_weight.clamp_(min=tiny))

@@ -122,8 +122,8 @@ def _weighted_sum(flat: torch.Tensor, p: torch.Tensor, scale: float, keep: KeepF
     return out.view(-1)
 
 
-def _sign_consensus(flat: torch.Tensor, p: torch.Tensor, scale: float, keep: KeepFn) -> torch.Tensor:
-    """TIES election and disjoint mean of ``keep_k * x_k`` over column chunks, times ``scale``."""
+def _sign_consensus(flat: torch.Tensor, p: torch.Tensor, scale: float, keep: KeepFn, election: str) -> torch.Tensor:
+    """TIES election (by ``election``) and disjoint mean of ``keep_k * x_k`` over column chunks, times ``scale``."""
     rows, n = flat.shape
     out = torch.empty(n, dtype=torch.float32, device=flat.device)
     width = chunk_width(rows, n)
@@ -136,7 +136,7 @@ def _sign_consensus(flat: torch.Tensor, p: torch.Tensor, scale: float, keep: Kee
         torch.mul(chunk, keep(chunk, mask[:, :c]), out=vals[:, :c])
         s = sums[:, :c].zero_()
         consensus.add_sums(s, vals[:, :c], p, scratch=mask[:, :c])
-        consensus.disjoint_mean(s, out[start:stop], scale)
+        consensus.disjoint_mean(s, out[start:stop], scale, election)
     return out
 
 
@@ -147,6 +147,36 @@ def _magnitude_mask(threshold: torch.Tensor) -> KeepFn:
 def _dare_mask(gens: list[torch.Generator], density: float) -> KeepFn:
     # Each client's generator yields its stream in column order, one chunk after the other.
     return lambda chunk, out: sparsify.dare_keep(draw_uniforms(gens, out), density, out)
+
+
+def _band_mask(flat: torch.Tensor, density: float, gamma: float) -> KeepFn:
+    """Breadcrumbs' mask: per client, drop the ``gamma`` largest magnitudes, keep the next ``density``."""
+    lower, upper = sparsify.band_thresholds(flat, density, gamma)
+    scratch = torch.empty(flat.shape[0], chunk_width(*flat.shape), device=flat.device)
+    return lambda chunk, out: sparsify.band_keep(chunk, lower, upper, out, scratch[:, : chunk.shape[1]])
+
+
+def _della_values(flat: torch.Tensor, p: torch.Tensor, density: float, epsilon: float, seed: int):
+    """DELLA's MagPrune, one client and column piece at a time (memory O(n), not O(K n)): yields
+    ``(k, start, stop, values, scratch)`` with ``values`` ([1, c]) the kept entries over their keep
+    probability, for every client with weight > 0; ``scratch`` is a [1, c] buffer free to overwrite."""
+    rows, n = flat.shape
+    gens = client_generators(seed, rows, flat.device)
+    piece = max(1, min(n, _DELLA_PIECE))
+    keep = torch.empty(1, piece, device=flat.device)
+    vals = torch.empty(1, piece, device=flat.device)
+    for k in range(rows):
+        if p[0, k] == 0:
+            continue
+        probs = sparsify.della_keep_probabilities(flat[k], density, epsilon)
+        for start, stop in column_ranges(n, piece):
+            c = stop - start
+            x = float32_columns(flat[k : k + 1], start, stop)
+            u = keep[:, :c]
+            torch.rand(c, generator=gens[k], out=u[0])
+            torch.lt(u, probs[start:stop], out=u)
+            torch.div(x, probs[start:stop], out=vals[:, :c]).mul_(u)
+            yield k, start, stop, vals[:, :c], u
 
 
 def _positive_rows(flat: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
@@ -212,19 +242,24 @@ def magnitude_prune(updates, weights, *, density: float = 0.2, scale: float = 1.
 
 
 @_operator(SIGN_CONSENSUS)
-def ties(updates, weights, *, density: float = 0.2, scale: float = 1.0) -> torch.Tensor:
+def ties(updates, weights, *, density: float = 0.2, scale: float = 1.0, election: str = "mass") -> torch.Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean (Yadav et al., arXiv 2306.01708).
 
     Resolves sign conflicts between clients instead of letting them cancel. Variant: per-tensor
     trim to the top-``density`` magnitudes (ties kept); sign ``gamma = sign(sum_k p_k tau_k)`` on
-    the weighted trimmed updates (0 where that sum is exactly 0, giving 0); divisor = total weight
-    ``sum_k p_k`` of the clients whose non-zero entry has sign ``gamma``; times ``scale``.
+    the weighted trimmed updates (0 where that sum is exactly 0, giving 0), or with
+    ``election="count"`` the sign of ``sum_k p_k sign(tau_k)`` (peft's ``"frequency"``); divisor =
+    total weight ``sum_k p_k`` of the clients whose non-zero entry has sign ``gamma``; times
+    ``scale``. With example-count weights a client holding more than half the data decides every
+    sign it touches under either election; equal weights (``aggregation-weights = 'equal'``) give the
+    paper's unweighted merge.
     """
     density = _checks.check_density(density)
     scale = _checks.check_scale(scale)
+    election = _checks.check_election(election)
     flat, p, shape = _prepare(updates, weights)
     keep = _magnitude_mask(sparsify.trim_thresholds(flat, density))
-    return _sign_consensus(flat, p, scale, keep).view(shape)
+    return _sign_consensus(flat, p, scale, keep, election).view(shape)
 
 
 @_operator(CLIENT_STEP)
@@ -244,19 +279,22 @@ def dare_linear(updates, weights, *, density: float = 0.5, scale: float = 1.0, s
 
 
 @_operator(SIGN_CONSENSUS)
-def dare_ties(updates, weights, *, density: float = 0.5, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+def dare_ties(updates, weights, *, density: float = 0.5, scale: float = 1.0, seed: int = 0,
+              election: str = "mass") -> torch.Tensor:
     """DARE drop-and-rescale, then TIES sign election and disjoint mean (arXiv 2311.03099).
 
-    Variant: DARE mask as in :func:`dare_linear` (rescale ``1/density``), then the weighted sign
-    election and weight-normalised disjoint mean of :func:`ties` (0 where the sum is exactly 0).
+    Variant: DARE mask as in :func:`dare_linear` (rescale ``1/density``), then the sign election
+    (``election`` as in :func:`ties`) and weight-normalised disjoint mean of :func:`ties` (0 where
+    the elected total is exactly 0).
     """
     density = _checks.check_density(density)
     scale = _checks.check_scale(scale)
     seed = _checks.check_seed(seed)
+    election = _checks.check_election(election)
     flat, p, shape = _prepare(updates, weights)
     keep = _dare_mask(client_generators(seed, flat.shape[0], flat.device), density)
     # The disjoint mean is homogeneous: rescaling every kept entry by 1/density is a final factor.
-    return _sign_consensus(flat, p, scale / density, keep).view(shape)
+    return _sign_consensus(flat, p, scale / density, keep, election).view(shape)
 
 
 @_operator(CLIENT_STEP)
@@ -268,61 +306,79 @@ def breadcrumbs(
     Removes the few largest-magnitude entries as well as the small ones (Davari & Belilovsky,
     arXiv 2312.06795). Variant: per tensor, the ``floor(gamma*n)`` largest magnitudes are dropped
     and the next ``floor(density*n)`` kept (ties resolved towards keeping); no rescale; normalised
-    weights; no sign election.
+    weights; no sign election (mergekit's ``breadcrumbs``; its default density is 1, here 0.2).
     """
     density = _checks.check_density(density)
     gamma = _checks.check_gamma(gamma, density)
     scale = _checks.check_scale(scale)
     flat, p, shape = _prepare(updates, weights)
-    lower, upper = sparsify.band_thresholds(flat, density, gamma)
-    scratch = torch.empty(flat.shape[0], chunk_width(*flat.shape), device=flat.device)
+    return _weighted_sum(flat, p, scale, _band_mask(flat, density, gamma)).view(shape)
 
-    def keep(chunk, out):
-        return sparsify.band_keep(chunk, lower, upper, out, scratch[:, : chunk.shape[1]])
 
-    return _weighted_sum(flat, p, scale, keep).view(shape)
+@_operator(SIGN_CONSENSUS)
+def breadcrumbs_ties(
+    updates, weights, *, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0, election: str = "mass"
+) -> torch.Tensor:
+    """Model Breadcrumbs' mask, then TIES sign election and disjoint mean (mergekit's ``breadcrumbs_ties``).
+
+    Variant: the mask of :func:`breadcrumbs`, then the election (``election`` as in :func:`ties`)
+    and weight-normalised disjoint mean of :func:`ties`; no rescale; times ``scale``.
+    """
+    density = _checks.check_density(density)
+    gamma = _checks.check_gamma(gamma, density)
+    scale = _checks.check_scale(scale)
+    election = _checks.check_election(election)
+    flat, p, shape = _prepare(updates, weights)
+    return _sign_consensus(flat, p, scale, _band_mask(flat, density, gamma), election).view(shape)
 
 
 @_operator(SIGN_CONSENSUS)
 def della(
-    updates, weights, *, density: float = 0.5, epsilon: float = 0.15, scale: float = 1.0, seed: int = 0
+    updates, weights, *, density: float = 0.5, epsilon: float = 0.15, scale: float = 1.0, seed: int = 0,
+    election: str = "mass",
 ) -> torch.Tensor:
     """DELLA: magnitude-ranked random drop (MagPrune), rescale, then TIES (Deep et al., arXiv 2406.11617).
 
     Larger entries are kept more often. Variant: ranks over each client's whole tensor (mergekit
     ranks within matrix rows); keep probability ``density - epsilon + 2*epsilon*rank/(n-1)``
     (equal magnitudes share the lowest rank); survivors rescaled element-wise by 1/keep_prob (the
-    paper's estimator, not mergekit's L1 matching); then the weighted sign election and
-    weight-normalised disjoint mean of :func:`ties`; times ``scale``. With ``epsilon = 0`` this is
-    exactly :func:`dare_ties` with the same seed. Clients are processed one at a time (ranking
-    needs a sort of the client's whole tensor): extra memory is about 70 bytes per entry of one
-    client's tensor, independent of K.
+    paper's estimator, not mergekit's L1 matching); then the sign election (``election`` as in
+    :func:`ties`) and weight-normalised disjoint mean of :func:`ties`; times ``scale``. With
+    ``epsilon = 0`` this is exactly :func:`dare_ties` with the same seed. Clients are processed one
+    at a time (ranking needs a sort of the client's whole tensor): extra memory is about 70 bytes per
+    entry of one client's tensor, independent of K.
+    """
+    density = _checks.check_density(density)
+    epsilon = _checks.check_epsilon(epsilon, density)
+    scale = _checks.check_scale(scale)
+    seed = _checks.check_seed(seed)
+    election = _checks.check_election(election)
+    flat, p, shape = _prepare(updates, weights)
+    sums = consensus.new_sums(flat.shape[1], flat.device)
+    for k, start, stop, values, scratch in _della_values(flat, p, density, epsilon, seed):
+        consensus.add_sums(sums[:, start:stop], values, p[:, k : k + 1], scratch=scratch)
+    out = torch.empty(flat.shape[1], dtype=torch.float32, device=flat.device)
+    return consensus.disjoint_mean(sums, out, scale, election).view(shape)
+
+
+@_operator(CLIENT_STEP)
+def della_linear(
+    updates, weights, *, density: float = 0.5, epsilon: float = 0.15, scale: float = 1.0, seed: int = 0
+) -> torch.Tensor:
+    """DELLA's MagPrune drop and rescale, then ``scale * sum_k p_k tau_k`` (mergekit's ``della_linear``).
+
+    Variant: the drop and per-entry 1/keep_prob rescale of :func:`della` (unbiased per entry), no
+    sign election. With ``epsilon = 0`` this is exactly :func:`dare_linear` with the same seed.
     """
     density = _checks.check_density(density)
     epsilon = _checks.check_epsilon(epsilon, density)
     scale = _checks.check_scale(scale)
     seed = _checks.check_seed(seed)
     flat, p, shape = _prepare(updates, weights)
-    rows, n = flat.shape
-    gens = client_generators(seed, rows, flat.device)
-    sums = consensus.new_sums(n, flat.device)
-    piece = max(1, min(n, _DELLA_PIECE))
-    keep = torch.empty(1, piece, device=flat.device)
-    vals = torch.empty(1, piece, device=flat.device)
-    for k in range(rows):  # one client at a time: memory stays O(n), not O(K n)
-        if p[0, k] == 0:
-            continue
-        probs = sparsify.della_keep_probabilities(flat[k], density, epsilon)
-        for start, stop in column_ranges(n, piece):
-            c = stop - start
-            x = float32_columns(flat[k : k + 1], start, stop)
-            u = keep[:, :c]
-            torch.rand(c, generator=gens[k], out=u[0])
-            torch.lt(u, probs[start:stop], out=u)
-            torch.div(x, probs[start:stop], out=vals[:, :c]).mul_(u)
-            consensus.add_sums(sums[:, start:stop], vals[:, :c], p[:, k : k + 1], scratch=u)
-    out = torch.empty(n, dtype=torch.float32, device=flat.device)
-    return consensus.disjoint_mean(sums, out, scale).view(shape)
+    out = torch.zeros(flat.shape[1], dtype=torch.float32, device=flat.device)
+    for k, start, stop, values, _ in _della_values(flat, p, density, epsilon, seed):
+        out[start:stop].add_(values[0], alpha=float(p[0, k]))
+    return out.mul_(scale).view(shape)
 
 
 @_operator(ORDER_STATISTIC)

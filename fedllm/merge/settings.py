@@ -6,9 +6,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedllm.merge import OPERATOR_PARAMS, OPERATORS
+from fedllm.merge._checks import ELECTIONS
 from fedllm.settings import ConfigError, Settings, choice, positive, setting
 
 PREFIX = "aggregation-"
+CLIENT_WEIGHTS = ("examples", "equal")
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,22 @@ class MergeSettings(Settings):
         "aggregation-beta", None, lambda v: 0 <= v < 0.5, "'' (operator default) or a number in [0, 0.5)",
         "trimmed_mean: fraction dropped at each end",
     )
+    aggregation_election: str | None = setting(
+        "aggregation-election", None, lambda v: v in ELECTIONS, "'' (operator default, mass), 'mass' or 'count'",
+        "TIES family: elect each entry's sign by the weighted sum of the updates (mass) or of their signs (count)",
+    )
+    client_weights: str = choice(
+        "client-weights", "examples", CLIENT_WEIGHTS,
+        "a client's weight in the merge: its example count (FedAvg), or equal for all (the merging papers' unweighted merge)",
+    )
 
     def check(self) -> None:
-        """An operator parameter the operator does not take is an error."""
+        """An operator parameter the operator does not take is an error; equal weights need a merge
+        the server computes from each update (secure sums and central DP weight on their own)."""
         self.aggregation_params()
+        if self.client_weights == "equal" and (self.secure_aggregation or self.dp != "none"):
+            raise ConfigError("run-config client-weights = 'equal' does not combine with secure-aggregation or dp: "
+                              "those weigh clients in their own sums; leave client-weights = 'examples'")
 
     def aggregation_params(self) -> dict[str, Any]:
         """The `aggregation-<param>` keys that are set, as keyword arguments of the operator."""
