@@ -214,20 +214,56 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
-    """Markdown: per setting, mean ± std of final accuracy over seeds, the mean ROUGE-L over tasks
-    before and after (when every run recorded it), the clients' own merged models' accuracy (in
-    cooperation), mean upload bytes per client per round, seconds
-    per round, mean wall time, and mean per-task accuracy."""
-    keys = [k for k in varying if k != "seed"]
+# Student's t 0.975 quantiles by degrees of freedom (any statistics table); beyond 30 the normal 1.96.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def interval95(values: list[float]) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean of `values` (Student's t), or None for fewer than two."""
+    if len(values) < 2:
+        return None
+    df = len(values) - 1
+    t = T_975.get(df) or next((T_975[d] for d in sorted(T_975) if d >= df), 1.96)  # conservative between entries
+    half = t * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
+
+
+def paired_difference(members: list[dict[str, Any]], reference: list[dict[str, Any]]) -> tuple[float, tuple | None]:
+    """Mean over shared seeds of (final accuracy − the reference's at the same seed), and its 95% interval."""
+    theirs = {_setting(r, "seed"): r["final_accuracy"] for r in reference}
+    differences = [r["final_accuracy"] - theirs[seed] for r in members if (seed := _setting(r, "seed")) in theirs]
+    return (statistics.fmean(differences) if differences else float("nan")), interval95(differences)
+
+
+def beyond_noise(interval: tuple[float, float] | None) -> bool:
+    """Whether a paired 95% interval excludes 0."""
+    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+
+def _grouped(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dict[str, Any]]]:
+    """Completed runs by their setting (the varying keys but the seed), in the study's order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if "final_accuracy" in row:
             groups.setdefault(tuple(_setting(row, k) for k in keys), []).append(row)
+    return groups
+
+
+def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
+    """Markdown: per setting, mean ± std of final accuracy over seeds with its 95% interval, the
+    paired difference to the reference setting (the study's first) and whether it is beyond seed
+    noise, the mean ROUGE-L over tasks before and after (when every run recorded it), the clients'
+    own merged models' accuracy (in cooperation), mean upload bytes per client per round, seconds
+    per round, mean wall time, and mean per-task accuracy."""
+    keys = [k for k in varying if k != "seed"]
+    groups = _grouped(rows, keys)
+    reference = next(iter(groups), None)
     tasks = list(dict.fromkeys(k for row in rows for k in row if k.startswith("acc_")))
     rouge = all("final_rouge_l" in r for members in groups.values() for r in members)  # set with base_rouge_l
     families = any("client_model_accuracy" in r for members in groups.values() for r in members)  # cooperation
-    header = keys + ["seeds", "base", "final accuracy (mean ± std)"] + (["ROUGE-L: base → final"] if rouge else [])
+    header = keys + ["seeds", "base", "final accuracy: mean ± std [95% interval]", "vs reference, paired over seeds"]
+    header += ["ROUGE-L: base → final"] if rouge else []
     header += ["client model accuracy"] if families else []
     header += ["upload / client / round", "s / round: client train · server · evaluation", "wall time"]
     header += [t[len("acc_"):] for t in tasks]
@@ -236,6 +272,7 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     for setting, members in ranked:
         accs = [r["final_accuracy"] for r in members]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        interval = interval95(accs)
         per_task = [f"{statistics.fmean(r[t] for r in members):.2f}" for t in tasks]
         upload = statistics.fmean(r["upload_per_client_round"] for r in members)
         wall = statistics.fmean(r["wall_seconds"] for r in members)
@@ -243,7 +280,9 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         split = " · ".join(f"{statistics.fmean(r.get(k, 0.0) for r in members):.1f}"
                            for k in ("train_seconds_round", "server_seconds_round", "evaluate_seconds_round"))
         cells = [f"`{v}`" if v != "" else "–" for v in setting]  # '' is an unset optional key
-        cells += [str(len(accs)), f"{base:.3f}", f"{statistics.fmean(accs):.3f} ± {spread:.3f}"]
+        cells += [str(len(accs)), f"{base:.3f}",
+                  f"{statistics.fmean(accs):.3f} ± {spread:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")]
+        cells.append(_versus(members, groups[reference]) if setting != reference else "reference")
         if rouge:
             cells.append(" → ".join(f"{statistics.fmean(r[f'{when}_rouge_l'] for r in members):.3f}"
                                     for when in ("base", "final")))
@@ -253,6 +292,38 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         cells += [_kib(upload), split, f"{wall:.0f} s"] + per_task
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _versus(members: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
+    mean, interval = paired_difference(members, reference)
+    if interval is None:
+        return "–" if mean != mean else f"{mean:+.3f} (one seed)"
+    verdict = "**beyond noise**" if beyond_noise(interval) else "within noise"
+    return f"{mean:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}] {verdict}"
+
+
+def separability(rows: list[dict[str, Any]], varying: list[str]) -> str:
+    """One sentence: which settings differ from the reference beyond seed noise, and which do not."""
+    keys = [k for k in varying if k != "seed"]
+    groups = _grouped(rows, keys)
+    if len(groups) < 2:
+        return ""
+    reference, *others = groups
+
+    def label(setting: tuple) -> str:  # what differs from the reference
+        return ", ".join(f"{k}={v}" for k, v, r in zip(keys, setting, reference) if v != r) or "base"
+
+    verdicts = {setting: paired_difference(groups[setting], groups[reference]) for setting in others}
+    apart = [label(s) for s, (_, interval) in verdicts.items() if beyond_noise(interval)]
+    within = [label(s) for s, (_, interval) in verdicts.items() if interval is not None and not beyond_noise(interval)]
+    unknown = [label(s) for s, (_, interval) in verdicts.items() if interval is None]
+    named = ", ".join(f"{k}={v}" for k, v in zip(keys, reference)) or "base"
+    text = [f"Against the reference ({named}), paired over seeds at 95%:",
+            f"beyond seed noise: {'; '.join(apart) or 'none'}.",
+            f"Not separable from noise: {'; '.join(within) or 'none'}."]
+    if unknown:
+        text.append(f"Fewer than two shared seeds, so not tested: {'; '.join(unknown)}.")
+    return " ".join(text)
 
 
 def _kib(size: float) -> str:
@@ -269,7 +340,7 @@ def write_report(study_file: Path, study: Study, rows: list[dict[str, Any]], out
     text = [f"# Study `{study_file.name}`", "",
             f"`fedllm study {study_file} --out {out}`: {len(rows)} runs, {_clients_text(study)}, "
             f"base settings `{run_config_text(study.base) or 'defaults'}`.", "",
-            settings_table(rows, study.varying), ""]
+            settings_table(rows, study.varying), "", separability(rows, study.varying), ""]
     if failed:
         text += ["## Failed runs", ""] + [f"- `{r['run']}`: {r['status']}" for r in failed] + [""]
     text += ["![accuracy per round](accuracy_per_round.png)", "", "![accuracy against upload](accuracy_vs_upload.png)", ""]
@@ -291,7 +362,7 @@ def plot_study(rows: list[dict[str, Any]], study: Study, runs: Path, out: Path) 
     per_round, per_byte = {}, {}
     for label, runs in sorted(runs_by_label.items()):
         length = min(map(len, runs))
-        accuracy = [statistics.fmean(r[i]["accuracy"] for r in runs) for i in range(length)]
+        accuracy = [[r[i]["accuracy"] for r in runs] for i in range(length)]
         upload = itertools.accumulate(statistics.fmean(r[i].get("upload_bytes", 0) for r in runs) for i in range(length))
         per_round[label] = (list(range(length)), accuracy)
         per_byte[label] = (list(upload)[1:], accuracy[1:])  # round 0 has sent nothing (no point on a log axis)
@@ -300,16 +371,20 @@ def plot_study(rows: list[dict[str, Any]], study: Study, runs: Path, out: Path) 
           log_x=True)
 
 
-def _plot(curves: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str, title: str, log_x: bool) -> None:
+def _plot(curves: dict[str, tuple[list[float], list[list[float]]]], path: Path, xlabel: str, title: str,
+          log_x: bool) -> None:
+    """One line per setting at the mean over seeds, with error bars of ± one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker=".", label=label)
-    ax.set(xlabel=xlabel, ylabel="mean accuracy (over seeds)", title=title)
+    for label, (xs, samples) in curves.items():
+        means = [statistics.fmean(v) for v in samples]
+        spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in samples]
+        ax.errorbar(xs, means, yerr=spreads, marker=".", capsize=2, label=label)
+    ax.set(xlabel=xlabel, ylabel="accuracy (mean ± std over seeds)", title=title)
     if log_x:
         ax.set_xscale("log")
     ax.legend(fontsize=7)

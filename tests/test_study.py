@@ -13,6 +13,7 @@ import pytest
 from fedllm.cli import main as fedllm_main
 from fedllm.config import ConfigError
 from fedllm.models import builtin_weights_digest
+from fedllm import study
 from fedllm.study import PlannedRun, Study, load_study, pending_runs
 from tests.conftest import ONE_ACTOR_CPUS, PROJECT
 
@@ -89,14 +90,15 @@ model = "builtin:nonexistent"
         assert f"`{baseline}`" in report
         runs = [read_rows(out / "runs" / name) for name, s in summaries.items() if s["config"]["baseline"] == baseline]
         rouge = [statistics.fmean(statistics.fmean(rows[i]["metrics"]["rouge-l"].values()) for rows in runs) for i in (0, -1)]
-        assert (f"| 2 | {base:.3f} | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} "
-                f"| {rouge[0]:.3f} → {rouge[1]:.3f} |") in report
+        assert re.search(rf"\| 2 \| {base:.3f} \| {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} "
+                         rf"\[-?\d\.\d{{3}}, -?\d\.\d{{3}}\] \| [^|]+ \| {rouge[0]:.3f} → {rouge[1]:.3f} \|", report), baseline
         # seconds per round: a client's training, the server's work, evaluation
         train = statistics.fmean(statistics.fmean(statistics.fmean(r["client_train_seconds"].values()) for r in rows[1:])
                                  for rows in runs)
         evaluate = statistics.fmean(statistics.fmean(r["evaluate_seconds"] for r in rows) for rows in runs)
         assert re.search(rf"`{baseline}` \|.* \| {train:.1f} · \d+\.\d · {evaluate:.1f} \|", report), baseline
     assert "## Failed runs" in report and (out / "accuracy_per_round.png").exists()
+    assert "Against the reference (baseline=centralized), paired over seeds at 95%" in report
 
     for name, summary in summaries.items():
         folder, last = out / "runs" / name, read_rows(out / "runs" / name)[-1]
@@ -124,7 +126,7 @@ model = "builtin:nonexistent"
     assert "4 of 5 runs finished" in section and "Not run (or failed)" in section
     for baseline in ("centralized", "local-only"):
         accs = [s["final_accuracy"] for s in summaries.values() if s["config"]["baseline"] == baseline]
-        assert f" | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} |" in section
+        assert f" | {statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f} [" in section
     assert (tmp_path / "docs" / "results" / "tiny" / "accuracy_per_round.png").exists()
 
 
@@ -156,3 +158,21 @@ def test_a_finished_run_counts_as_done_although_its_secret_seed_was_never_saved(
     assert pending({"dp": "central", "secret-seed": 0}) == []
     with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
         pending({"seed": 1})
+
+
+def summary_row(setting: str, seed: int, accuracy: float) -> dict:
+    return {"run": f"{setting}-{seed}", "aggregation": setting, "seed": seed, "final_accuracy": accuracy,
+            "base_accuracy": 0.0, "upload_per_client_round": 1024, "wall_seconds": 10.0}
+
+
+def test_a_study_table_gives_each_setting_its_spread_interval_and_paired_verdict_against_the_reference():
+    accuracies = {"weighted_average": [0.30, 0.34, 0.32], "ties": [0.20, 0.25, 0.21], "median": [0.28, 0.37, 0.33]}
+    rows = [summary_row(setting, seed, acc) for setting, accs in accuracies.items() for seed, acc in enumerate(accs)]
+    table = study.settings_table(rows, ["aggregation", "seed"])
+    # mean 0.32, std 0.02, 95% interval 0.32 ± 4.303 · 0.02 / √3
+    assert "| `weighted_average` | 3 | 0.000 | 0.320 ± 0.020 [0.270, 0.370] | reference |" in table
+    # ties: differences -0.10, -0.09, -0.11, always below the reference: beyond noise
+    assert "| `ties` | 3 | 0.000 | 0.220 ± 0.026 [0.154, 0.286] | -0.100 [-0.125, -0.075] **beyond noise** |" in table
+    assert "`median` | 3 | 0.000 | 0.327 ± 0.045" in table and "+0.007 [-0.056, +0.069] within noise" in table
+    sentence = study.separability(rows, ["aggregation", "seed"])
+    assert "beyond seed noise: aggregation=ties." in sentence and "Not separable from noise: aggregation=median." in sentence
