@@ -69,8 +69,8 @@ def _r(qr: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 def _q_times(qr: tuple[torch.Tensor, torch.Tensor], small: torch.Tensor) -> torch.Tensor:
     """Q·`small` (rows × k) for `small` of min(rows, q) rows, Q applied as its reflectors."""
     compact, tau = qr
-    padded = torch.zeros(compact.shape[0], small.shape[1], dtype=compact.dtype)
-    padded[: small.shape[0]] = small
+    padded = torch.zeros(compact.shape[0], small.shape[1], dtype=compact.dtype, device=compact.device)
+    padded[: small.shape[0]] = small.to(compact.device)
     return torch.ormqr(compact, tau, padded)
 
 
@@ -122,11 +122,12 @@ class LowRank:
             return self.parts[0][side]
         factors = torch.cat([part[side] for part in self.parts], dim=1)
         if side == 1:
-            factors.mul_(torch.cat([torch.full((left.shape[1],), c) for c, left, _ in self.parts]))
+            factors.mul_(torch.cat([torch.full((left.shape[1],), c, device=factors.device) for c, left, _ in self.parts]))
         return factors
 
     def dense(self) -> torch.Tensor:
-        total = torch.zeros(self.shape)
+        _, left, _ = self.parts[0]
+        total = torch.zeros(self.shape, dtype=left.dtype, device=left.device)
         for c, left, right in self.parts:
             total.addmm_(left, right.T, alpha=c)
         return total

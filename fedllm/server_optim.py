@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedllm.lowrank import dense
+from fedllm.lowrank import compacted, dense
 from fedllm.settings import Settings, positive, setting
 
 OPTIMIZERS = ("none", "momentum", "adagrad", "yogi", "adam")
@@ -47,7 +47,7 @@ class ServerOptimizer:
         if self.name == "none":
             return dict(update), state
         if self.name == "momentum":
-            velocity = {m: self.momentum * state.get("u", {}).get(m, 0) + d for m, d in update.items()}
+            velocity = {m: compacted(self.momentum * state.get("u", {}).get(m, 0) + d) for m, d in update.items()}
             return {m: self.learning_rate * u for m, u in velocity.items()}, {"u": velocity}
         update = {m: dense(d) for m, d in update.items()}  # entry-wise moments need entries
         first = {m: self.beta1 * state.get("m", {}).get(m, 0) + (1 - self.beta1) * d for m, d in update.items()}
