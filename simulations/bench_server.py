@@ -10,7 +10,8 @@ round sends), on the factored path fedllm takes and on the dense path it took be
 2. Llama-3-8B-shaped layers: one decoder block (hidden 4096, MLP 14336, 8 KV heads), 10 clients at
    rank 16 with uploads of a trained adapter's size; each path in a fresh process, its resident
    memory sampled every few milliseconds. Figures for the whole model are the block's times 32
-   (Llama-3-8B has 32 blocks), and are stated as scaled.
+   (Llama-3-8B has 32 blocks), and are stated as scaled. The dense reference block needs about 13 GiB
+   of memory: run the benchmark on an otherwise idle machine (it once starved a simulation here).
 
 The exact ΔW_g grows by up to K·r in rank per round (no truncation on the server), so the memory
 ratio is taken against all adapters received so far in the run, not only the round's.

@@ -98,7 +98,7 @@ model = "builtin:nonexistent"
         evaluate = statistics.fmean(statistics.fmean(r["evaluate_seconds"] for r in rows) for rows in runs)
         assert re.search(rf"`{baseline}` \|.* \| {train:.1f} · \d+\.\d · {evaluate:.1f} \|", report), baseline
     assert "## Failed runs" in report and (out / "accuracy_per_round.png").exists()
-    assert "Against the reference (baseline=centralized), paired over seeds at 95%" in report
+    assert "Against the reference (baseline=centralized, model=builtin:micro), paired over seeds at 95%" in report
 
     for name, summary in summaries.items():
         folder, last = out / "runs" / name, read_rows(out / "runs" / name)[-1]
