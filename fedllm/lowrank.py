@@ -55,11 +55,6 @@ def _column_norms(factor: torch.Tensor) -> torch.Tensor:
     return (norms if torch.isfinite(norms).all() else factor.double().norm(dim=0)).double()
 
 
-def _householder(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """QR of a tall matrix in LAPACK's compact form (no Q of the matrix's size is formed)."""
-    return torch.geqrf(matrix)
-
-
 def _r(qr: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The triangular factor R (min(rows, q) × q)."""
     compact = qr[0]
@@ -176,8 +171,10 @@ class LowRank:
         # Round-off scales with the largest stacked term, which may dwarf the result when terms cancel.
         largest_term = max((abs(c) * float((_column_norms(left) * _column_norms(right)).max())
                             for c, left, right in self.parts if left.shape[1]), default=0.0)
-        left_qr = _householder(self._side(1))  # one side's stacked copy at a time, freed once factored
-        right_qr = _householder(self._side(2))
+        # QR in LAPACK's compact form (reflectors, no Q of the factors' size), one side's stacked copy
+        # at a time, freed once factored.
+        left_qr = torch.geqrf(self._side(1))
+        right_qr = torch.geqrf(self._side(2))
         u, sigma, vh = torch.linalg.svd(_r(left_qr).double() @ _r(right_qr).double().T)  # small: float64 is cheap, cannot overflow
         kept = int((sigma > max(float(sigma[0]), largest_term) * NEGLIGIBLE).sum()) if sigma[0] > 0 else 0
         u, sigma, v = u[:, :kept].float(), sigma[:kept].float(), vh[:kept].T.float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import statistics
 import tomllib
 from collections.abc import Callable
@@ -214,7 +215,7 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-# Student's t 0.975 quantiles by degrees of freedom (any statistics table); beyond 30 the normal 1.96.
+# Student's t 0.975 quantiles by degrees of freedom (any statistics table).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
@@ -224,7 +225,7 @@ def interval95(values: list[float]) -> tuple[float, float] | None:
     if len(values) < 2:
         return None
     df = len(values) - 1
-    t = T_975.get(df) or next((T_975[d] for d in sorted(T_975) if d >= df), 1.96)  # conservative between entries
+    t = T_975[max(d for d in T_975 if d <= df)]  # between entries the smaller df's larger t: conservative
     half = t * statistics.stdev(values) / len(values) ** 0.5
     return statistics.fmean(values) - half, statistics.fmean(values) + half
 
@@ -297,7 +298,7 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
 def _versus(members: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
     mean, interval = paired_difference(members, reference)
     if interval is None:
-        return "–" if mean != mean else f"{mean:+.3f} (one seed)"
+        return "–" if math.isnan(mean) else f"{mean:+.3f} (one seed)"
     verdict = "**beyond noise**" if beyond_noise(interval) else "within noise"
     return f"{mean:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}] {verdict}"
 
