@@ -1,114 +1,81 @@
-"""The ClientApp: answer the server's node query, train from the state it sends, upload the change,
-and score the global state on the node's own held-out data when asked.
+"""The ClientApp: hand each message to the node's resident worker (`node-worker` in the SuperNode's
+node-config), or handle it in this process (`client.handlers`).
 
-Node settings come from the SuperNode's `node-config` (in simulation Flower fills in
-`partition-id` and `num-partitions`): `lora-rank` overrides the run's rank, `data-path` points
-at the node's own data file instead of a share of the run's dataset.
+In deployment Flower starts a fresh process per message, so this module stays light: torch,
+transformers and the handlers are imported only when this process handles a message itself.
+Every training reply reports its overhead: the seconds of the message that were not training
+(this process's start-up on its first message, imports, model loading, the hop to the worker).
 """
 
 from __future__ import annotations
 
-import os
+import time
+from pathlib import Path
 
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import psutil
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.logger import FLOWER_LOGGER
+from flwr.clientapp.typing import ClientAppCallable
 
-from client import faults
-from client.cooperation import cooperation_inputs, knowledge_record
-from client.privacy import privatize, released_metrics, reported_examples
-from client.secure import secure_aggregation_mod, secure_reply
-from fedllm.config import RunConfig
-from fedllm.core.local import (
-    MODEL_BUILDS, NodeSettings, Worker, client_examples, emulator_worker, local_evaluation, local_round, model_worker,
-    worker_for,
-)
-from fedllm.cooperation.knowledge import KNOWLEDGE
-from fedllm.emulator import EMULATOR_RECORD, WEIGHTS_RECORD, ClientModel
-from fedllm.evaluation import POOLED
-from fedllm.logs import quiet_third_party
-from fedllm.wire import encode
+from client import node_worker
 
 app = ClientApp()
-RESIDUAL = "upload-residual"  # context.state record: error feedback of sparse uploads
+OVERHEAD = "overhead-seconds"  # a training reply's metric
 
 
-def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:
-    quiet_third_party(FLOWER_LOGGER.handlers)
-    cfg = RunConfig.from_flower(context.run_config)
-    return cfg, NodeSettings.from_node_config(context.node_config, cfg)
+def _process_start() -> list[float]:
+    """When this process started, if Flower started it to handle messages (`flwr-clientapp`, as in
+    deployment); a simulation's Ray actor starts long before its first message, not for it."""
+    process = psutil.Process()
+    return [process.create_time()] if any("flwr-clientapp" in part for part in process.cmdline()) else []
+
+
+_STARTED = _process_start()  # emptied by the first message
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ client mod, for runs with `secure-aggregation = true` only."""
+    if context.run_config.get("secure-aggregation") is True:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition, rank and data size (no data leaves the node)."""
-    cfg, node = _setup(context)
-    info = faults.apply_to_query(cfg, node.partition_id, MetricRecord({
-        "partition-id": node.partition_id, "lora-rank": node.rank,
-        "num-examples": reported_examples(cfg, len(client_examples(cfg, node)))}))
-    model = ConfigRecord({"client-model": node.client_model})
-    return Message(RecordDict({"node": info, "node-model": model}), reply_to=msg)
+    return Message(handled("query", msg.content, context), reply_to=msg)
 
 
 @app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Load the global state the server sent, train `local-steps` steps, upload the change."""
-    cfg, node = _setup(context)
-    if cfg.secure_aggregation:
-        return secure_reply(msg, cfg, node)
-    received = msg.content["arrays"].to_torch_state_dict()
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    worker = worker_for_message(cfg, node, msg.content)
-    public, teacher = cooperation_inputs(cfg, worker, msg.content)
-    result = local_round(cfg, node, worker, received, server_round, int(config.get("local-steps", cfg.local_steps)),
-                         teacher)
-    update, _ = privatize(cfg, result.update, server_round, node.partition_id)  # local DP only here
-    metrics = MetricRecord(released_metrics(cfg, {
-        "num-examples": reported_examples(cfg, result.examples), "train_loss": result.loss,
-        "train-seconds": result.seconds, "partition-id": node.partition_id, "lora-rank": node.rank,
-        "pid": os.getpid(), "model-builds": MODEL_BUILDS[worker.name],
-    }))
-    arrays, metrics = faults.apply(cfg, node.partition_id, upload_record(cfg, update, context), metrics)
-    knowledge = {}
-    if public:
-        answers = knowledge_record(cfg, worker, node, public, server_round)
-        knowledge[KNOWLEDGE] = faults.apply_to_knowledge(cfg, node.partition_id, answers)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics, **knowledge}), reply_to=msg)
+    return Message(handled("train", msg.content, context), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global state the server sent on this node's held-out examples; only the scores
-    (per task: examples, exact match, ROUGE-L, loss) leave the node."""
-    cfg, node = _setup(context)
-    scores = local_evaluation(cfg, node, worker_for(cfg), msg.content["arrays"].to_torch_state_dict())
-    tasks = list(scores.counts)
-    values = {metric: [float(scores.values[metric][t]) for t in tasks] for metric in POOLED}
-    return Message(RecordDict({
-        "tasks": ConfigRecord({"names": tasks}),
-        "scores": MetricRecord({"examples": [scores.counts[t] for t in tasks], **values}),
-    }), reply_to=msg)
+    """Score the global state on this node's held-out examples; only the scores leave the node."""
+    return Message(handled("evaluate", msg.content, context), reply_to=msg)
 
 
-def worker_for_message(cfg: RunConfig, node: NodeSettings, content: RecordDict) -> Worker:
-    """The full base model's worker, that of the emulator the message names, or that of the node's
-    own other model (cooperation)."""
-    if ClientModel.parse(node.client_model).other is not None:
-        return model_worker(cfg, node.client_model)
-    if EMULATOR_RECORD not in content:
-        return worker_for(cfg)
-    weights = content.get(WEIGHTS_RECORD)
-    return emulator_worker(cfg, dict(content[EMULATOR_RECORD]), None if weights is None else weights.to_torch_state_dict())
+def handled(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The reply's content, from the node's worker if it has one, else from this process."""
+    arrived = time.time()
+    started = _STARTED.pop() if _STARTED else arrived
+    folder = context.node_config.get(node_worker.NODE_CONFIG_KEY)
+    if folder:
+        reply = node_worker.call(Path(str(folder)).expanduser(), kind, content, context)
+    else:
+        from client.handlers import HANDLERS  # torch, transformers, peft: only where the work happens here
+
+        reply = HANDLERS[kind](content, context)
+    _report_overhead(reply, time.time() - started)
+    return reply
 
 
-def upload_record(cfg: RunConfig, update: dict[str, torch.Tensor], context: Context) -> ArrayRecord:
-    """The upload as wire arrays (`upload-dtype`, `upload-sparsity`). With a sparse upload, what
-    was not sent is kept in the node's `context.state` and added to its next upload."""
-    codec = cfg.upload_codec()
-    residual = context.state.get(RESIDUAL) if codec.sparse else None
-    wire, left = encode(update, codec, residual.to_torch_state_dict() if residual is not None else None)
-    if codec.sparse:
-        context.state[RESIDUAL] = ArrayRecord(left)
-    return ArrayRecord({name: Array(array) for name, array in wire.items()})
+def _report_overhead(reply: RecordDict, seconds: float) -> None:
+    """Add the message's seconds outside training to a training reply's metrics."""
+    metrics = reply.get("metrics")
+    if isinstance(metrics, MetricRecord) and isinstance(metrics.get("train-seconds"), float):
+        metrics[OVERHEAD] = max(0.0, seconds - float(metrics["train-seconds"]))

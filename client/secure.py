@@ -15,9 +15,7 @@ import os
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
@@ -29,17 +27,11 @@ from fedllm.privacy.secure import IDENTITY_STEP, client_step
 from fedllm.seeds import secret_int
 
 
-def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's SecAgg+ client mod, for runs with `secure-aggregation = true` only."""
-    if context.run_config.get("secure-aggregation") is True:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
-    """The FitRes the mod masks: the client step's vector, the example weight and the metrics
-    (under DP the weight is 1 and metrics that depend on the data are withheld: ε covers neither)."""
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+def secure_reply(content: RecordDict, cfg: RunConfig, node: NodeSettings) -> RecordDict:
+    """The FitRes content that Flower's SecAgg+ mod masks: the client step's vector, the example
+    weight and the metrics (under DP the weight is 1 and metrics that depend on the data are
+    withheld: ε covers neither)."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
     config, arrays = fitins.config, parameters_to_ndarrays(fitins.parameters)
     names = str(config["upload-names"]).split("\n")
     server_round = int(config["server-round"])
@@ -54,7 +46,7 @@ def secure_reply(msg: Message, cfg: RunConfig, node: NodeSettings) -> Message:
                                      "model-builds": MODEL_BUILDS.get(cfg.model, 0)})
     weight = reported_examples(cfg, result.examples)
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight, metrics)
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    return compat.fitres_to_recorddict(fitres, keep_input=False)
 
 
 def step_values(

@@ -1,5 +1,6 @@
 """The `fedllm` command: `fedllm run` launches the default federated simulation; `fedllm certs`
-makes the TLS certificates and SuperNode keys for a deployment across institutions."""
+makes the TLS certificates and SuperNode keys for a deployment across institutions; `fedllm node`
+runs a node's resident worker beside its SuperNode."""
 
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def cmd_certs(args: argparse.Namespace) -> int:
     for path in written:
         print(f"  {path.stat().st_mode & 0o777:04o}  {path}")
     print(next_steps(out, args.hosts, args.nodes))
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from client.handlers import HANDLERS
+    from client.node_worker import NODE_CONFIG_KEY, NodeWorkerError, serve
+
+    folder = Path(args.dir).expanduser().resolve()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"fedllm node: start the SuperNode with --node-config \"{NODE_CONFIG_KEY}='{folder}' ...\"", flush=True)
+    try:
+        serve(folder, HANDLERS, stop=stop)
+    except (NodeWorkerError, OSError) as error:
+        print(f"fedllm node: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -119,6 +140,10 @@ def parser() -> argparse.ArgumentParser:
     certs.add_argument("--nodes", type=int, required=True, help="number of SuperNode key pairs")
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
     certs.set_defaults(handler=cmd_certs)
+    node = commands.add_parser("node", help="run a node's resident worker: the SuperNode's messages reuse one loaded model")
+    node.add_argument("--dir", required=True, help="the worker's private folder (its socket and secret); name it in "
+                                                   "the SuperNode's --node-config as node-worker='<dir>'")
+    node.set_defaults(handler=cmd_node)
     return top
 
 

@@ -8,6 +8,7 @@ while at least `min-clients` valid replies remain.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,9 +177,15 @@ def plain_round(grid: MeteredGrid, transport: Transport, server_round: int, roun
     extra = {} if cooperation is None else cooperation.complete(server_round, contributions, transport.answers, aggregator)
     aggregate_seconds = time.perf_counter() - aggregating - extra.get("cooperation_seconds", 0.0)
     processes = sorted({p for r in replies if None not in (p := (reply_metric(r, "pid"), reply_metric(r, "model-builds")))})
-    partitions = aggregator.nodes.partition_of()
-    train_seconds = {partitions[node]: seconds for r in replies
-                     if (node := transport.reply_node(r)) in partitions and (seconds := reply_metric(r, "train-seconds")) is not None}
+    train_seconds, overhead_seconds = (reported_seconds(transport, replies, key) for key in ("train-seconds", "overhead-seconds"))
     loss = weighted_loss(losses, weights) if aggregator.dp is None else None
     return RoundResult(len(contributions), len(messages) - len(replies), loss, rejected, processes, train_seconds,
-                       aggregate_seconds, extra=extra)
+                       aggregate_seconds, overhead_seconds=overhead_seconds, extra=extra)
+
+
+def reported_seconds(transport: Transport, replies: list[Message], key: str) -> dict[int, float]:
+    """A timing each node reported, per partition (a value that is not a finite count of seconds is left out)."""
+    partitions = transport.aggregator.nodes.partition_of()
+    return {partitions[node]: float(seconds) for r in replies
+            if (node := transport.reply_node(r)) in partitions and (seconds := reply_metric(r, key)) is not None
+            and math.isfinite(seconds) and seconds >= 0}

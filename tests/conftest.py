@@ -60,6 +60,19 @@ def flower_env(tmp_path_factory) -> dict[str, str]:
             os.environ[key] = value
 
 
+@pytest.fixture
+def procs(tmp_path):
+    """Real Flower processes of one test (tests/deploy_support.py), all stopped by PID at its end."""
+    from tests.deploy_support import Processes
+
+    (tmp_path / "logs").mkdir()
+    processes = Processes(tmp_path / "logs")
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
 @pytest.fixture(scope="session")
 def builtin_path() -> str:
     """The embedded model, pre-trained once (cached in the user cache folder across sessions)."""

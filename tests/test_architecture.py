@@ -75,3 +75,13 @@ def test_the_library_runs_its_rounds_without_flower():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", f"flwr modules loaded: {result.stdout[:500]}"
     assert "fedllm.core.aggregator" in library and "fedllm.core.local" in library
+
+
+def test_the_clientapp_a_node_starts_per_message_loads_no_model_library():
+    """`client.app` stays light: torch, transformers and peft load only where a message is handled,
+    so a node whose worker handles its messages does not pay for them per message."""
+    code = ("import sys, client.app\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"loaded by client.app: {result.stdout}"

@@ -19,7 +19,7 @@ import pytest
 from fedllm.checkpoint import saved_rounds
 from tests.conftest import PROJECT
 from tests.deploy_support import (
-    Processes, command, online_nodes, read_metrics, start_tls_link, start_tls_superlink, tls_supernode, wait_for,
+    command, online_nodes, read_metrics, start_tls_link, start_tls_superlink, tls_supernode, wait_for,
 )
 
 CONNECTION = "deploy-node-loss"
@@ -30,16 +30,6 @@ ROUNDS = 3
 # which Flower's SuperLink notices a lost heartbeat, or round 3 samples the dead node again.
 DEPLOY_CONFIG = ("model='builtin:micro' local-steps=2 batch-size=8 train-per-task=20 test-per-task=4 partition='iid' "
                  f"min-clients=1 round-timeout=60 num-server-rounds={ROUNDS}")
-
-
-@pytest.fixture
-def procs(tmp_path):
-    (tmp_path / "logs").mkdir()
-    processes = Processes(tmp_path / "logs")
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
 
 
 def flwr_run(link, out, name: str, extra: str = "") -> subprocess.Popen:

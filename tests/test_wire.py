@@ -94,7 +94,7 @@ def test_malformed_uploads_are_refused_naming_the_problem():
 def test_a_client_carries_what_a_sparse_upload_left_into_its_next_one():
     from flwr.app import Context
 
-    from client.app import RESIDUAL, upload_record
+    from client.handlers import RESIDUAL, upload_record
     from fedllm.config import RunConfig
 
     cfg = RunConfig.from_flower({"upload-sparsity": 0.2, "upload-dtype": "float16"})
