@@ -131,52 +131,115 @@ class Refactored:
         return math.sqrt(self.squared_error / self.squared_norm) if self.squared_norm > 0 else 0.0
 
 
-def _top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Top-`rank` singular triplets and the energy Σσ² beyond them.
+EXACT_SVD_MAX = 2048  # a module whose smaller side is at most this gets an exact SVD
+OVERSAMPLING = 10  # extra directions the iteration carries beyond the largest rank sent
+COLD_ITERATIONS, WARM_ITERATIONS = 4, 1  # power iterations from a random start / from last round's subspace
 
-    Exact SVD for modest modules; randomized (Halko et al. 2011) for large ones, where the tail
-    energy is ‖M‖² − Σσ² in float64.
+
+class Subspaces:
+    """Each large dense module's leading right singular vectors at its last re-factoring: where
+    the next round's subspace iteration starts (ΔW_g moves little per round). Part of the run state."""
+
+    def __init__(self, bases: dict[str, torch.Tensor] | None = None) -> None:
+        self.bases: dict[str, torch.Tensor] = dict(bases or {})
+
+    def start(self, module: str, cols: int, width: int) -> torch.Tensor | None:
+        basis = self.bases.get(module)
+        return basis if basis is not None and tuple(basis.shape) == (cols, width) else None
+
+    def keep(self, module: str, basis: torch.Tensor) -> None:
+        self.bases[module] = basis.contiguous()
+
+
+@dataclass(frozen=True)
+class Leading:
+    """A module's leading singular triplets (rows × cols layout) and the energy Σσ² beyond them."""
+
+    u: torch.Tensor
+    sigma: torch.Tensor
+    vh: torch.Tensor
+    tail: float
+
+    def truncated(self, rank: int) -> Leading:
+        extra = float(self.sigma[rank:].double().pow(2).sum())
+        return Leading(self.u[:, :rank], self.sigma[:rank], self.vh[:rank], self.tail + extra)
+
+
+def subspace_iteration(matrix: torch.Tensor, start: torch.Tensor, iterations: int) -> tuple[torch.Tensor, ...]:
+    """Leading singular triplets in the span `start` (cols × q) converges to: randomized SVD with
+    power iterations, re-orthonormalised at every half-step (Halko, Martinsson & Tropp 2011,
+    Algorithms 4.4 and 5.1). Started from last round's subspace, one iteration suffices."""
+    v = start
+    for _ in range(iterations):
+        u = torch.linalg.qr(matrix @ v).Q
+        v = torch.linalg.qr(matrix.T @ u).Q
+    q = torch.linalg.qr(matrix @ v).Q
+    small_u, sigma, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    return q @ small_u, sigma, vh
+
+
+def leading_singular(matrix: lowrank.Update, rank: int, module: str, subspaces: Subspaces,
+                     generator: torch.Generator, squared_norm: float) -> Leading:
+    """The top-`rank` singular triplets of one module's ΔW (of squared norm `squared_norm`).
+
+    Factored: the exact SVD of its factors, O((rows + cols)·q²). Dense and modest: an exact SVD.
+    Dense and large: subspace iteration from last round's subspace (`subspaces`), or from a
+    seeded random one; the tail is ‖M‖² − Σσ² in float64.
     """
-    if min(matrix.shape) <= 2048:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank], float(s[rank:].double().pow(2).sum())
-    u, s, v = torch.svd_lowrank(matrix, q=min(rank + 10, min(matrix.shape)), niter=4)
-    tail = float(matrix.double().pow(2).sum() - s[:rank].double().pow(2).sum())
-    return u[:, :rank], s[:rank], v[:, :rank].T, max(tail, 0.0)
-
-
-def _top_of_factors(delta: LowRank, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """`_top_singular` of a factored update: its exact SVD costs O((rows + cols)·q²), not O(rows·cols·min)."""
-    u, sigma, v = delta.svd()
-    return u[:, :rank], sigma[:rank], v[:, :rank].T, float(sigma[rank:].double().pow(2).sum())
+    if isinstance(matrix, LowRank):
+        u, sigma, v = matrix.svd()
+        return Leading(u, sigma, v.T, 0.0).truncated(rank)
+    matrix = matrix.float()
+    if min(matrix.shape) <= EXACT_SVD_MAX:
+        u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return Leading(u, sigma, vh, 0.0).truncated(rank)
+    width = min(rank + OVERSAMPLING, min(matrix.shape))
+    start, iterations = subspaces.start(module, matrix.shape[1], width), WARM_ITERATIONS
+    if start is None:
+        start, iterations = torch.randn(matrix.shape[1], width, generator=generator).to(matrix.device), COLD_ITERATIONS
+    u, sigma, vh = subspace_iteration(matrix, start, iterations)
+    subspaces.keep(module, vh.T)
+    tail = squared_norm - float(sigma[:rank].double().pow(2).sum())
+    return Leading(u[:, :rank], sigma[:rank], vh[:rank], max(tail, 0.0))
 
 
 def refactor(global_delta: Delta, rank: int, scaling: float, transposed: dict[str, bool], seed: int) -> Refactored:
-    """Best rank-r factors `(B, A)` with `s·B·A ≈ ΔW` for every module, split evenly (√σ each).
+    """Best rank-r factors `(B, A)` with `s·B·A ≈ ΔW` for every module (`refactor_ranks` for one rank)."""
+    return refactor_ranks(global_delta, {rank: scaling}, transposed, seed, Subspaces())[rank]
+
+
+def refactor_ranks(global_delta: Delta, scalings: dict[int, float], transposed: dict[str, bool], seed: int,
+                   subspaces: Subspaces) -> dict[int, Refactored]:
+    """Best rank-r factors `(B, A)` with `s_r·B·A ≈ ΔW` for every module and every rank r of
+    `scalings`, from one factorization per module at the largest rank, split evenly (√σ each).
 
     Directions with no singular mass (e.g. the zero update of round 0) get a random `A` row and a
     zero `B` column, as peft initialises LoRA, so clients can train them; the product is unchanged.
     """
-    generator = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    squared_error = squared_norm = 0.0
+    ranks = sorted(scalings)
+    generators = {r: torch.Generator().manual_seed(seed) for r in ranks}
+    iteration_start = torch.Generator().manual_seed(seed + 1)
+    states: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
+    errors = dict.fromkeys(ranks, 0.0)
+    squared_norm = 0.0
     for module, delta in global_delta.items():
         matrix = delta.T if transposed[module] else delta
         rows, cols = matrix.shape
-        if isinstance(matrix, LowRank):
-            u, sigma, vh, tail = _top_of_factors(matrix, rank)
-        else:
-            u, sigma, vh, tail = _top_singular(matrix.float(), rank)
-        live = sigma > sigma.max().clamp_min(1e-30) * 1e-6 if len(sigma) else sigma > 0
-        root = torch.sqrt(sigma * live / scaling)
-        b = torch.zeros(rows, rank)
-        a = (torch.rand(rank, cols, generator=generator) * 2 - 1) / math.sqrt(cols)
-        b[:, : len(sigma)] = u * root
-        a[: len(sigma)][live] = (root[:, None] * vh)[live]
-        state[factor_key(module, "A")], state[factor_key(module, "B")] = a, b
-        squared_norm += lowrank.squared_norm(matrix)
-        squared_error += tail + float((sigma * ~live).double().pow(2).sum())
-    return Refactored(state, squared_error, squared_norm)
+        energy = lowrank.squared_norm(matrix)
+        top = leading_singular(matrix, ranks[-1], module, subspaces, iteration_start, energy)
+        squared_norm += energy
+        for r in ranks:
+            leading = top.truncated(r)
+            sigma = leading.sigma
+            live = sigma > sigma.max().clamp_min(1e-30) * 1e-6 if len(sigma) else sigma > 0
+            root = torch.sqrt(sigma * live / scalings[r])
+            b = torch.zeros(rows, r)
+            a = (torch.rand(r, cols, generator=generators[r]) * 2 - 1) / math.sqrt(cols)
+            b[:, : len(sigma)] = leading.u * root
+            a[: len(sigma)][live] = (root[:, None] * leading.vh)[live]
+            states[r][factor_key(module, "A")], states[r][factor_key(module, "B")] = a, b
+            errors[r] += leading.tail + float((sigma * ~live).double().pow(2).sum())
+    return {r: Refactored(states[r], errors[r], squared_norm) for r in ranks}
 
 
 def merge_into(model: PreTrainedModel, base_weights: dict[str, torch.Tensor], global_delta: Delta) -> None:

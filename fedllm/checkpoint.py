@@ -1,7 +1,7 @@
 """Run state after each completed round: tensors and JSON only, verified on load, the last few kept.
 
 A checkpoint is `checkpoints/round-NNNN.safetensors`: the global update, the server optimizer's
-moments and torch's RNG state as tensors, and in the file's metadata the round, the config, the
+moments, large modules' re-factoring subspaces and torch's RNG state as tensors, and in the file's metadata the round, the config, the
 metrics rows and Python's RNG state as JSON, with a SHA-256 over every tensor. Neither format can
 carry code, so a crafted file can at worst be refused (the pickle files of fedllm's first format,
 `run_state.pt`, are never loaded). Writes are atomic; the newest `keep` files are kept so a run can
@@ -29,7 +29,7 @@ FOLDER = "checkpoints"
 FORMAT = "fedllm-state-2"
 LEGACY_FILE = "run_state.pt"  # fedllm's first format: a torch.save pickle, never loaded
 _NAME = re.compile(r"^round-(\d{4,9})\.safetensors$")
-_GLOBAL, _OPTIMIZER, _TORCH_RNG = "global/", "optimizer/", "rng/torch"
+_GLOBAL, _OPTIMIZER, _SUBSPACE, _TORCH_RNG = "global/", "optimizer/", "subspace/", "rng/torch"
 MAX_FILE_BYTES = 64 * 2**30  # far above any run state; a larger file is not read
 
 
@@ -52,6 +52,7 @@ class RunState:
     config: dict[str, Any]
     config_digest: str
     rng: dict[str, Any] = field(default_factory=dict)
+    subspaces: dict[str, torch.Tensor] = field(default_factory=dict)  # `adapters.Subspaces.bases`
 
 
 def capture_rng() -> dict[str, Any]:
@@ -80,6 +81,7 @@ def _tensors(state: RunState) -> dict[str, torch.Tensor]:
     tensors = {_GLOBAL + name: t for name, t in flatten(state.global_delta).items()}
     for slot, moments in state.optimizer_state.items():
         tensors.update({f"{_OPTIMIZER}{slot}/{name}": t for name, t in flatten(moments).items()})
+    tensors.update({_SUBSPACE + name: t for name, t in state.subspaces.items()})
     if state.rng:
         tensors[_TORCH_RNG] = state.rng["torch"]
     return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
@@ -174,10 +176,12 @@ def _state_from(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
     if not all(isinstance(row, dict) and isinstance(row.get("round"), int) for row in metrics) or \
             [row["round"] for row in metrics] != list(range(len(metrics))) or len(metrics) != server_round + 1:
         raise CheckpointError(f"{path}: its metrics rows are not rounds 0..{server_round}")
-    global_delta, optimizer, rng = {}, {}, {}
+    global_delta, optimizer, rng, subspaces = {}, {}, {}, {}
     for name, tensor in tensors.items():
         if name.startswith(_GLOBAL):
             global_delta[name[len(_GLOBAL):]] = tensor
+        elif name.startswith(_SUBSPACE):
+            subspaces[name[len(_SUBSPACE):]] = tensor
         elif name.startswith(_OPTIMIZER) and "/" in name[len(_OPTIMIZER):]:
             slot, module = name[len(_OPTIMIZER):].split("/", 1)
             optimizer.setdefault(slot, {})[module] = tensor
@@ -187,6 +191,8 @@ def _state_from(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
             raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
     if not global_delta or any(t.dtype != torch.float32 for t in global_delta.values()):
         raise CheckpointError(f"{path}: its global update is missing or not float32")
+    if any(t.dtype != torch.float32 or t.dim() != 2 or not torch.isfinite(t).all() for t in subspaces.values()):
+        raise CheckpointError(f"{path}: a re-factoring subspace is not a finite float32 matrix")
     try:
         global_delta = unflatten(global_delta)
         optimizer = {slot: unflatten(moments) for slot, moments in optimizer.items()}
@@ -199,7 +205,7 @@ def _state_from(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
     if "torch" in rng and (rng["torch"].dtype != torch.uint8 or rng["torch"].shape != torch.get_rng_state().shape):
         raise CheckpointError(f"{path}: its torch RNG state is malformed")
     return RunState(server_round, global_delta, optimizer, metrics, _field(path, metadata, "config", dict),
-                    _field(path, metadata, "config_digest", str), rng)
+                    _field(path, metadata, "config_digest", str), rng, subspaces)
 
 
 def _python_rng(path: Path, raw: str) -> tuple:

@@ -233,7 +233,9 @@ def compacted(update: Update) -> Update:
 
 def squared_norm(update: Update) -> float:
     """‖update‖_F² in float64."""
-    return update.squared_norm() if isinstance(update, LowRank) else float(update.double().pow(2).sum())
+    if isinstance(update, LowRank):
+        return update.squared_norm()
+    return float(torch.linalg.vector_norm(update, dtype=torch.float64)) ** 2 if update.numel() else 0.0
 
 
 def largest_entry(update: Update, exact_above: float = 0.0) -> float:

@@ -95,7 +95,7 @@ def start(run: Run, rounds: int, timeout: float) -> int:
 
 def resume(run: Run, resumed: RunState) -> int:
     """The state after `resumed.round`, from its checkpoint. Returns the first round to train."""
-    run.aggregator.restore(resumed.global_delta, resumed.optimizer_state)
+    run.aggregator.restore(resumed.global_delta, resumed.optimizer_state, resumed.subspaces)
     run.recorder.restore(resumed.metrics)
     restore_rng(resumed.rng)
     if run.aggregator.dp is not None:
@@ -110,5 +110,5 @@ def checkpoint(run: Run, server_round: int) -> None:
     cfg, aggregator = run.aggregator.cfg, run.aggregator
     save_state(run.recorder.out_dir, RunState(
         server_round, aggregator.global_delta, aggregator.optimizer_state, run.recorder.rounds,
-        cfg.as_dict(), cfg.digest(), capture_rng(),
+        cfg.as_dict(), cfg.digest(), capture_rng(), aggregator.subspaces.bases,
     ), keep=cfg.keep_checkpoints)

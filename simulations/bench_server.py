@@ -15,6 +15,9 @@ round sends), on the factored path fedllm takes and on the dense path it took be
 
 The exact ΔW_g grows by up to K·r in rank per round (no truncation on the server), so the memory
 ratio is taken against all adapters received so far in the run, not only the round's.
+3. Where ΔW_g stays dense (central DP, secure aggregation): re-factoring one 8B block for ranks 8
+   and 16, fresh per rank against one factorization started from the previous round's subspace.
+
 Last line: `server share of round: X%; peak server memory / received adapters: Yx`, with X the
 factored path's worst round on SmolLM2 and Y its worst round at 8B shapes under weighted_average.
 """
@@ -35,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedllm.adapters import Subspaces, refactor, refactor_ranks  # noqa: E402
 from fedllm.config import RunConfig  # noqa: E402
 from fedllm.core.aggregator import Aggregator, Contribution  # noqa: E402
 from fedllm.lowrank import LowRank  # noqa: E402
@@ -178,6 +182,32 @@ def report_block(name: str, rows: list[dict]) -> None:
               f"{row['peak_bytes'] / row['received_bytes']:.1f}x all received", flush=True)
 
 
+def dense_refactoring(ranks: tuple[int, ...] = (8, 16)) -> None:
+    """Where ΔW_g must stay dense (central DP noise, secure sums): one 8B block's sent states for
+    two ranks, as fresh randomized SVDs per rank against one factorization for both, started from
+    the previous round's subspace."""
+    generator = torch.Generator().manual_seed(0)
+    previous: dict[str, torch.Tensor] = {}
+    for module, (rows, cols) in LLAMA3_8B_BLOCK.items():
+        u = torch.linalg.qr(torch.randn(rows, 64, generator=generator)).Q
+        v = torch.linalg.qr(torch.randn(cols, 64, generator=generator)).Q
+        previous[module] = (u * torch.arange(1, 65).float() ** -0.5) @ v.T + 1e-3 * torch.randn(rows, cols, generator=generator)
+    current = {m: d + 0.02 * torch.randn(d.shape[0], 1, generator=generator) @ torch.randn(1, d.shape[1], generator=generator)
+               for m, d in previous.items()}
+    layouts = dict.fromkeys(current, False)
+    subspaces = Subspaces()
+    refactor_ranks(previous, dict.fromkeys(ranks, 1.0), layouts, 0, subspaces)  # last round's, kept
+    started = time.perf_counter()
+    fresh = {r: refactor(current, r, 1.0, layouts, seed=1) for r in ranks}
+    fresh_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    warm = refactor_ranks(current, dict.fromkeys(ranks, 1.0), layouts, 1, subspaces)
+    warm_seconds = time.perf_counter() - started
+    errors = ", ".join(f"rank {r} {fresh[r].relative_error:.4f} / {warm[r].relative_error:.4f}" for r in ranks)
+    print(f"  fresh randomized SVD per rank {fresh_seconds:.1f} s; one warm-started factorization for both ranks "
+          f"{warm_seconds:.1f} s ({fresh_seconds / warm_seconds:.1f}x less); truncation error fresh / warm: {errors}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5 local steps; the dense 8B block for 1 round")
@@ -205,6 +235,8 @@ def main() -> None:
     ratio = max(r["peak_bytes"] / r["received_bytes"] for r in factored)
     print(f"  round 1 against the dense path: {dense[0]['peak_bytes'] / factored[0]['peak_bytes']:.1f}x less memory, "
           f"{dense[0]['seconds'] / factored[0]['seconds']:.1f}x less time")
+    print("3. Dense ΔW_g (central DP, secure aggregation), one Llama-3-8B-shaped block, ranks 8 and 16")
+    dense_refactoring()
     print(f"server share of round: {100 * share:.1f}%; peak server memory / received adapters: {ratio:.1f}x")
 
 

@@ -30,6 +30,7 @@ def state(round_: int, cfg: RunConfig) -> RunState:
         optimizer_state={"u": {"layer.q_proj": torch.randn(6, 4, generator=generator)}},
         metrics=[{"round": r, "accuracy": r / 10} for r in range(round_ + 1)],
         config=cfg.as_dict(), config_digest=cfg.digest(), rng=capture_rng(),
+        subspaces={"layer.q_proj": torch.randn(4, 3, generator=generator)},
     )
 
 
@@ -41,6 +42,7 @@ def test_round_trip_restores_every_tensor_row_and_rng_state(tmp_path):
     assert loaded.round == 3 and loaded.metrics == original.metrics
     assert torch.equal(loaded.global_delta["layer.q_proj"], original.global_delta["layer.q_proj"])
     assert torch.equal(loaded.optimizer_state["u"]["layer.q_proj"], original.optimizer_state["u"]["layer.q_proj"])
+    assert torch.equal(loaded.subspaces["layer.q_proj"], original.subspaces["layer.q_proj"])
     assert loaded.rng["python"] == original.rng["python"] and torch.equal(loaded.rng["torch"], original.rng["torch"])
 
 
@@ -144,6 +146,11 @@ def test_unexpected_or_malformed_tensors_are_refused(tmp_path):
     rewritten(path, tensors_change={"rng/torch": torch.zeros(3, dtype=torch.uint8)})
     with pytest.raises(CheckpointError, match="torch RNG state is malformed"):
         read_state(path)
+    for bad in (torch.full((4, 3), float("nan")), torch.zeros(4, 3, dtype=torch.float64), torch.zeros(12)):
+        path = save_state(tmp_path / "c", state(2, RunConfig()))
+        rewritten(path, tensors_change={"subspace/layer.q_proj": bad})
+        with pytest.raises(CheckpointError, match="re-factoring subspace is not a finite float32 matrix"):
+            read_state(path)
 
 
 def test_a_state_from_another_config_is_refused_naming_the_keys(tmp_path):

@@ -144,7 +144,7 @@ def test_a_round_of_a_selecting_operator_on_factored_updates_is_the_dense_round(
 def test_a_clients_update_holds_the_sent_and_uploaded_tensors_and_k_updates_merge_into_k_plus_2_parts():
     cfg = config("lora")
     server = Server(cfg, wide_llama())
-    server.aggregator.restore({m: random_lowrank(*layer.shape, 3, i) for i, (m, layer) in enumerate(server.method.layers.items())}, {})
+    server.aggregator.restore({m: random_lowrank(*layer.shape, 3, i) for i, (m, layer) in enumerate(server.method.layers.items())}, {}, {})
     sent = server.method.sent_state(server.update, 2, seed=0)
     uploads = [{k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(k_)) for k, v in sent.state.items()}
                for k_ in range(4)]

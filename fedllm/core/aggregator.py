@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedllm.adapters import Delta
+from fedllm.adapters import Delta, Subspaces
 from fedllm.core.nodes import NodeRegistry, ReplyRejected
 from fedllm.core.server_methods import ServerMethod, build_server_method
 from fedllm.lowrank import LowRank, Update, compacted, dense, largest_entry
@@ -62,6 +62,7 @@ class Aggregator:
         self.optimizer = cfg.server_optimizer_settings()
         self.global_delta: Delta = {}
         self.optimizer_state: dict[str, Delta] = {}  # part of the run state
+        self.subspaces = Subspaces()  # where large modules' re-factoring starts next round; part of the run state
         self.sent: dict[int, Sent] = {}  # this round's states, by the server method's key (the rank)
         self.refactor_seconds = 0.0  # this round's time to compute the sent states
         self.bounded: list[str] = []  # this round's updates scaled down and weights capped, per node
@@ -73,9 +74,9 @@ class Aggregator:
         """Round 0: no update yet."""
         self.global_delta = self.server_method.initial_update(self)
 
-    def restore(self, global_delta: Delta, optimizer_state: dict[str, Delta]) -> None:
+    def restore(self, global_delta: Delta, optimizer_state: dict[str, Delta], subspaces: dict[str, torch.Tensor]) -> None:
         """The state after a completed round of an earlier run (a checkpoint's)."""
-        self.global_delta, self.optimizer_state = global_delta, optimizer_state
+        self.global_delta, self.optimizer_state, self.subspaces = global_delta, optimizer_state, Subspaces(subspaces)
 
     @property
     def min_clients(self) -> int:

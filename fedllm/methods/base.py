@@ -27,6 +27,8 @@ import torch
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
 
+    from fedllm.adapters import Subspaces
+
     from fedllm.config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -93,6 +95,11 @@ class PeftMethod(ABC):
     @abstractmethod
     def sent_state(self, global_update: Tensors, rank: int, seed: int) -> Sent:
         """What clients of `rank` receive to continue from `ΔW_g`."""
+
+    def sent_states(self, global_update: Tensors, ranks: list[int], seed: int, subspaces: Subspaces) -> dict[int, Sent]:
+        """What clients of each rank receive (a method whose states come from one factorization of
+        `ΔW_g` shares it between ranks, and starts it from `subspaces`)."""
+        return {rank: self.sent_state(global_update, rank, seed) for rank in ranks}
 
     def upload_shapes(self, sent: Sent, additive: bool) -> dict[str, torch.Size]:
         """Names and shapes of the tensors a client uploads (default: the trained tensors)."""

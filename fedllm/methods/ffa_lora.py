@@ -54,6 +54,8 @@ class FfaLora(Lora):
     def in_layout(self, module: str, out_in: torch.Tensor) -> torch.Tensor:
         return out_in.T.contiguous() if self.layouts[module] else out_in
 
+    sent_states = PeftMethod.sent_states  # a projection per rank, not one factorization shared by all
+
     def sent_state(self, global_update: Tensors, rank: int, seed: int) -> Sent:
         """`B` per module: the least-squares projection of `ΔW_g` onto the row space of `A`."""
         scaling = self.scaling(rank)

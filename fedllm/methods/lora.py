@@ -26,7 +26,7 @@ import torch
 
 from fedllm.adapters import (
     PEFT_PREFIX, base_weights_of, default_target_modules, deltas_from_state, factor_key, factored_change, is_transposed,
-    merge_into, module_names, refactor, target_layers,
+    Refactored, Subspaces, merge_into, module_names, refactor_ranks, target_layers,
 )
 from fedllm.lowrank import LowRank
 from fedllm.methods.base import PeftMethod, Sent, Tensors, check_keys
@@ -147,8 +147,15 @@ class Lora(PeftMethod):
         return update
 
     def sent_state(self, global_update: Tensors, rank: int, seed: int) -> Sent:
+        return self.sent_states(global_update, [rank], seed, Subspaces())[rank]
+
+    def sent_states(self, global_update: Tensors, ranks: list[int], seed: int, subspaces: Subspaces) -> dict[int, Sent]:
+        """Every rank's factors from one factorization of each module of ΔW_g (`refactor_ranks`)."""
         directions = {m: global_update[m] for m in self.layers}
-        refactored = refactor(directions, rank, self.scaling(rank), self.layouts, seed)
+        refactored = refactor_ranks(directions, {r: self.scaling(r) for r in ranks}, self.layouts, seed, subspaces)
+        return {r: self._sent(global_update, refactored[r], r) for r in ranks}
+
+    def _sent(self, global_update: Tensors, refactored: Refactored, rank: int) -> Sent:
         state = dict(refactored.state)
         if self.dora:
             state |= {magnitude_key(m): self.base_norms[m] + global_update[m + MAGNITUDE] for m in self.layers}

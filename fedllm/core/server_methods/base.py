@@ -54,7 +54,8 @@ class ServerMethod:
     def states(self, aggregator: Aggregator, server_round: int, nodes: list[NodeInfo]) -> dict[int, Sent]:
         """The method's state for ΔW_g at each sampled rank (re-factoring seeded per round)."""
         seed = refactor_seed(self.cfg.seed, server_round)
-        return {r: self.method.sent_state(aggregator.global_delta, r, seed) for r in sorted({n.rank for n in nodes})}
+        ranks = sorted({n.rank for n in nodes})
+        return self.method.sent_states(aggregator.global_delta, ranks, seed, aggregator.subspaces)
 
     def reply_state(self, aggregator: Aggregator, node: NodeInfo | None, node_id: int, rank: int) -> Sent:
         """The state a reply reporting `rank` answers: any rank sent this round."""
