@@ -4,7 +4,6 @@ equalities, bad input and the registry."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -609,20 +608,6 @@ def test_peft_ties_equal_for_uniform_weights_only():
     # With unequal weights the definitions differ (shown, not asserted equal).
     p = w / w.sum()
     assert not torch.allclose(M.ties(x, w, density=0.3), mu.ties(tasks, p, 0.3), atol=1e-4)
-
-
-def test_peft_dare_only_equal_without_dropping():
-    # peft's DARE draws its mask from the global RNG (torch.bernoulli), so no per-seed equality.
-    # peft >= 0.19 rescales by 1/density like ours; with density 1 nothing is dropped and
-    # dare_linear == peft dare_linear (normalised weights), dare_ties == peft (uniform weights).
-    mu = _peft()
-    x, w = rand_updates(4, 25, seed=24)
-    tasks = list(x.unbind(0))
-    p = w / w.sum()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns that density 1 prunes nothing
-        close(M.dare_linear(x, w, density=1.0), mu.dare_linear(tasks, p, 1.0))
-        close(M.dare_ties(x, torch.ones(4), density=1.0), mu.dare_ties(tasks, torch.ones(4), 1.0))
 
 
 # ============================================================================ bad input

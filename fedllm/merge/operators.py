@@ -219,7 +219,8 @@ def task_arithmetic(updates, weights, *, scale: float = 1.0) -> torch.Tensor:
     """Task arithmetic ``scale * sum_k p_k tau_k`` (Ilharco et al., arXiv 2212.04089).
 
     Variant: weights normalised to sum to 1, one global ``scale`` (the paper's lambda).
-    Equals peft ``task_arithmetic`` called with the normalised weights, times ``scale``.
+    Equals peft ``task_arithmetic`` called with the normalised weights, times ``scale``, and
+    mergekit's with ``normalize: true`` (its default for this operator is false).
     """
     scale = _checks.check_scale(scale)
     flat, p, shape = _prepare(updates, weights)
@@ -251,8 +252,9 @@ def ties(updates, weights, *, density: float = 0.2, scale: float = 1.0, election
     ``election="count"`` the sign of ``sum_k p_k sign(tau_k)`` (peft's ``"frequency"``); divisor =
     total weight ``sum_k p_k`` of the clients whose non-zero entry has sign ``gamma``; times
     ``scale``. With example-count weights a client holding more than half the data decides every
-    sign it touches under either election; equal weights (``aggregation-weights = 'equal'``) give the
-    paper's unweighted merge.
+    sign it touches under either election; equal weights (``client-weights = 'equal'``) give the
+    paper's unweighted merge. peft's ``ties`` elects on the unweighted trimmed sum and divides by the
+    count of agreeing clients: equal to this at equal weights (tests/test_merge_equivalence.py).
     """
     density = _checks.check_density(density)
     scale = _checks.check_scale(scale)
