@@ -23,6 +23,11 @@ def sampling_rng(seed: int, server_round: int) -> random.Random:
     return random.Random(f"{seed}:sample:{server_round}")
 
 
+def validation_seed(seed: int) -> int:
+    """Which training examples are held out as the validation split (before partitioning)."""
+    return seed * 15_485_863 + 17
+
+
 def refactor_seed(seed: int, server_round: int) -> int:
     """Random directions of the rank-r re-factoring of ΔW_g sent in a round (same in a replay)."""
     return seed * 7919 + server_round

@@ -3,7 +3,10 @@
 A study file has `clients` (simulated nodes per run, default 6), a `[base]` table of run-config
 keys, a `[grid]` table of key = list of values whose cross product is run (`seed` is a key like
 any other), and optionally `[[runs]]`, explicit override tables run on top of `[base]`. `clients`
-may also be a key of `[grid]` or `[[runs]]` (a client-count sweep). Every run
+may also be a key of `[grid]` or `[[runs]]` (a client-count sweep). A `[select]` table with
+`within = [keys]` tunes on the validation split: for each value of those keys (e.g. each
+`aggregation`), the setting of the other varying keys with the best mean validation accuracy over
+seeds is chosen, and its test accuracy reported (the runs need `validation-fraction` > 0). Every run
 gets its own folder under `<out>/runs/`; a run whose `summary.json` exists is skipped, so an
 interrupted study continues where it stopped. A run that fails is reported and the study goes on.
 """
@@ -41,6 +44,7 @@ class Study:
     base: dict[str, Any]
     runs: list[PlannedRun]
     varying: list[str] = field(default_factory=list)  # keys that differ between runs (table columns)
+    select_within: list[str] | None = None  # `[select] within`: tune the other keys on validation, per value of these
 
 
 def _value_text(value: Any) -> str:
@@ -64,9 +68,10 @@ def load_study(path: Path) -> Study:
         spec = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"study file {path}: {error}") from None
-    unknown = set(spec) - {"clients", "base", "grid", "runs"}
+    unknown = set(spec) - {"clients", "base", "grid", "runs", "select"}
     if unknown:
-        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, [base], [grid], [[runs]]")
+        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, [base], [grid], "
+                          "[[runs]], [select]")
     base, grid, extra = spec.get("base", {}), spec.get("grid", {}), spec.get("runs", [])
     clients = spec.get("clients", 6)
     for key, values in grid.items():
@@ -86,7 +91,21 @@ def load_study(path: Path) -> Study:
     if len(set(names)) != len(names):
         raise ConfigError(f"study file {path}: two runs have identical settings")
     runs = [PlannedRun(n, {k: v for k, v in s.items() if k != "clients"}, s["clients"]) for n, s in zip(names, settings)]
-    return Study(clients, base, runs, varying)
+    return Study(clients, base, runs, varying, _select_within(path, spec.get("select"), runs, varying))
+
+
+def _select_within(path: Path, select: Any, runs: list[PlannedRun], varying: list[str]) -> list[str] | None:
+    """`[select] within`, checked: keys that vary, and runs that hold out a validation split."""
+    if select is None:
+        return None
+    within = select.get("within") if isinstance(select, dict) else None
+    if not isinstance(within, list) or set(select) != {"within"} or not all(k in varying for k in within):
+        raise ConfigError(f"study file {path}: [select] takes within = [keys the study varies], e.g. within = "
+                          f"[\"aggregation\"]; it varies {varying}")
+    if any(RunConfig.from_flower(r.overrides).validation_fraction == 0 for r in runs):
+        raise ConfigError(f"study file {path}: [select] tunes on the validation split: set validation-fraction "
+                          "(e.g. 0.1) in [base]")
+    return within
 
 
 def execute(study: Study, out: Path, run: Callable[[str, int, Path], None]) -> list[dict[str, Any]]:
@@ -170,7 +189,7 @@ def _summary_fields(folder: Path) -> dict[str, Any]:
     }
     if families := rows[-1].get("family_accuracy"):  # cooperation: the clients' own merged models
         fields["client_model_accuracy"] = statistics.fmean(families.values())
-    for optional in ("epsilon", "base_weights"):
+    for optional in ("epsilon", "base_weights", "final_validation_accuracy"):
         if summary.get(optional) is not None:
             fields[optional] = summary[optional]
     scored = [row for row in rows if ROUGE_L in row.get("metrics", {})]  # rows before fedllm recorded it lack it
@@ -327,6 +346,35 @@ def separability(rows: list[dict[str, Any]], varying: list[str]) -> str:
     return " ".join(text)
 
 
+def selection_table(rows: list[dict[str, Any]], varying: list[str], within: list[str]) -> str:
+    """Markdown: per value of the `within` keys, the setting of the other keys chosen by mean
+    validation accuracy over seeds, and its test accuracy; beside it, the best test accuracy of any
+    setting, which is what choosing on the test split would have reported."""
+    keys = [k for k in varying if k != "seed"]
+    tuned = [k for k in keys if k not in within]
+    candidates: dict[tuple, list[tuple[tuple, list[dict[str, Any]]]]] = {}
+    for setting, members in _grouped(rows, keys).items():
+        if all("final_validation_accuracy" in r for r in members):
+            named = dict(zip(keys, setting))
+            candidates.setdefault(tuple(named[k] for k in within), []).append((setting, members))
+    header = [*within, "chosen on validation", "validation", "test: mean ± std [95% interval]", "best test of any setting"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, options in candidates.items():
+        chosen, members = max(options, key=lambda o: statistics.fmean(r["final_validation_accuracy"] for r in o[1]))
+        named = dict(zip(keys, chosen))
+        tests = [r["final_accuracy"] for r in members]
+        interval = interval95(tests)
+        spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        best_test = max(statistics.fmean(r["final_accuracy"] for r in m) for _, m in options)
+        cells = [f"`{v}`" for v in method]
+        cells += [", ".join(f"{k}={named[k]}" for k in tuned) or "–",
+                  f"{statistics.fmean(r['final_validation_accuracy'] for r in members):.3f}",
+                  f"{statistics.fmean(tests):.3f} ± {spread:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""),
+                  f"{best_test:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _kib(size: float) -> str:
     return f"{size / 1024:,.1f} KiB"
 
@@ -342,6 +390,10 @@ def write_report(study_file: Path, study: Study, rows: list[dict[str, Any]], out
             f"`fedllm study {study_file} --out {out}`: {len(rows)} runs, {_clients_text(study)}, "
             f"base settings `{run_config_text(study.base) or 'defaults'}`.", "",
             settings_table(rows, study.varying), "", separability(rows, study.varying), ""]
+    if study.select_within is not None:
+        text += ["## Chosen on the validation split", "",
+                 "Each setting is chosen by its mean validation accuracy over seeds; the test split played no part.",
+                 "", selection_table(rows, study.varying, study.select_within), ""]
     if failed:
         text += ["## Failed runs", ""] + [f"- `{r['run']}`: {r['status']}" for r in failed] + [""]
     text += ["![accuracy per round](accuracy_per_round.png)", "", "![accuracy against upload](accuracy_vs_upload.png)", ""]

@@ -14,8 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.checkpoint import RunState, load_state
 from fedllm.config import RunConfig
 from fedllm.core.aggregator import Aggregator
+from fedllm.core.local import run_splits
 from fedllm.core.server_model import ServerModel
-from fedllm.data import load_splits
 from fedllm.logs import quiet_third_party
 from fedllm.models import builtin_weights_digest
 from fedllm.outputs import earlier_run, make_private, private_folder
@@ -59,11 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = output_dir_for(cfg)
     log(INFO, "fedllm run: outputs in %s", out_dir)
     # with evaluation = 'clients' the server reads no data at all
-    _, test = ([], []) if cfg.evaluation == "clients" else load_splits(
-        cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task, test_per_task=cfg.test_per_task,
-        test_fraction=cfg.test_fraction)
+    _, validation, test = ([], [], []) if cfg.evaluation == "clients" else run_splits(cfg)
     resumed = resumed_state(cfg, out_dir)
-    server = ServerModel(cfg, test)
+    server = ServerModel(cfg, test, validation=validation)
     aggregator = Aggregator(cfg, server.method)
     for note in aggregator.dp.describe() if aggregator.dp is not None else []:
         log(WARNING, "%s", note)

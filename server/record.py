@@ -119,6 +119,7 @@ class RunRecorder:
             "base_per_task_accuracy": first["per_task_accuracy"],
             "final_metrics": last.get("metrics"),  # rows of runs before fedllm recorded every metric lack it
             **{key: last[key] for key in ("client_accuracy", "server_accuracy") if key in last},
+            **({"final_validation_accuracy": last["validation_accuracy"]} if "validation_accuracy" in last else {}),
             "final_round_scored": last["round"],
             "rounds": self.rounds[-1]["round"],
             "upload_bytes": sum(r.get("upload_bytes", 0) for r in self.rounds),

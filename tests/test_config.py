@@ -59,6 +59,14 @@ def test_aggregation_parameters_are_checked_against_the_operator():
     assert RunConfig.from_flower({"aggregation-density": ""}).aggregation_density is None
 
 
+def test_a_validation_split_needs_the_server_to_score_it():
+    assert RunConfig.from_flower({"validation-fraction": 0.1}).validation_fraction == 0.1
+    with pytest.raises(ConfigError, match="validation-fraction needs the server to score the validation split"):
+        RunConfig.from_flower({"validation-fraction": 0.1, "evaluation": "clients"})
+    with pytest.raises(ConfigError, match=r"validation-fraction = 1.0 is not accepted; expected a number in \[0, 1\)"):
+        RunConfig.from_flower({"validation-fraction": 1.0})
+
+
 def test_digest_ignores_output_dir_but_not_settings():
     base = RunConfig.from_flower({})
     assert base.digest() == RunConfig.from_flower({"output-dir": "/elsewhere"}).digest()

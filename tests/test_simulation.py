@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedllm.adapters import default_target_modules, target_layers
 from fedllm.config import ConfigError, RunConfig
+from fedllm.core.local import NodeSettings, client_examples, run_splits
 from fedllm.data import load_splits
 from fedllm.launch import RunFailed, run_simulation
 from fedllm.methods import build_method
@@ -21,7 +22,7 @@ from tests.conftest import PROJECT, simulate
 from tests.reply_size import serialized_reply_size
 
 SMALL = ("num-server-rounds=2 local-steps=8 train-per-task=60 test-per-task=10 "
-         "partition='pathological:2' seed=5")
+         "partition='pathological:2' seed=5 validation-fraction=0.1")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,22 @@ def test_exported_model_reproduces_the_reported_accuracy(small_run):
     _, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
                           test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
     assert score(model, Prompter(tokenizer, cfg.prompt_format), test).values[EXACT_MATCH] == summary["per_task_accuracy"]
+
+
+def test_the_validation_split_is_held_out_from_every_client_and_scored_exactly(small_run):
+    summary = json.loads((small_run / "summary.json").read_text())
+    cfg = RunConfig.from_flower(summary["config"])
+    train, validation, test = run_splits(cfg)
+    assert len(validation) == 6 * 6 and {e.task for e in validation} == {e.task for e in test}  # 10% of 60 per task
+    held_out = {(e.task, e.input) for e in validation}
+    assert not held_out & {(e.task, e.input) for e in train}
+    for partition in range(3):
+        node = NodeSettings(partition_id=partition, num_partitions=3, rank=cfg.lora_rank, data_path="")
+        assert not held_out & {(e.task, e.input) for e in client_examples(cfg, node)}
+    assert all("validation_accuracy" in r for r in rows(small_run) if "accuracy" in r)
+    model = AutoModelForCausalLM.from_pretrained(small_run / "model")
+    scores = score(model, Prompter(AutoTokenizer.from_pretrained(small_run / "model"), cfg.prompt_format), validation)
+    assert summary["final_validation_accuracy"] == scores.headline(cfg.metric)
 
 
 def test_adapter_loads_in_peft_and_differs_from_the_model_by_its_reported_error(small_run, builtin_path):

@@ -176,3 +176,29 @@ def test_a_study_table_gives_each_setting_its_spread_interval_and_paired_verdict
     assert "`median` | 3 | 0.000 | 0.327 ± 0.045" in table and "+0.007 [-0.056, +0.069] within noise" in table
     sentence = study.separability(rows, ["aggregation", "seed"])
     assert "beyond seed noise: aggregation=ties." in sentence and "Not separable from noise: aggregation=median." in sentence
+
+
+def test_settings_are_chosen_on_validation_and_reported_on_test():
+    """Per operator, the density with the best mean validation accuracy is chosen, and its test
+    accuracy reported, even where another density scores better on the test split."""
+    results = {  # (aggregation, density): per seed (validation, test)
+        ("ties", 0.2): [(0.40, 0.30), (0.42, 0.31), (0.41, 0.29)],
+        ("ties", 0.5): [(0.35, 0.36), (0.36, 0.38), (0.34, 0.37)],  # better on test, worse on validation
+        ("dare_ties", 0.2): [(0.20, 0.21), (0.22, 0.20), (0.21, 0.22)],
+        ("dare_ties", 0.5): [(0.30, 0.25), (0.31, 0.27), (0.29, 0.26)],
+    }
+    rows = [{**summary_row(operator, seed, test), "aggregation-density": density, "final_validation_accuracy": validation}
+            for (operator, density), runs in results.items() for seed, (validation, test) in enumerate(runs)]
+    table = study.selection_table(rows, ["aggregation", "aggregation-density", "seed"], ["aggregation"])
+    assert "| `ties` | aggregation-density=0.2 | 0.410 | 0.300 ± 0.010 [0.275, 0.325] | 0.370 |" in table
+    assert "| `dare_ties` | aggregation-density=0.5 | 0.300 | 0.260 ± 0.010 [0.235, 0.285] | 0.260 |" in table
+
+
+def test_selection_needs_a_validation_split_and_keys_the_study_varies(tmp_path):
+    grid = "[grid]\naggregation = [\"ties\", \"dare_ties\"]\naggregation-density = [0.2, 0.5]\n"
+    with pytest.raises(ConfigError, match="set validation-fraction"):
+        load_study(write(tmp_path / "a.toml", grid + "[select]\nwithin = [\"aggregation\"]\n"))
+    with pytest.raises(ConfigError, match=r"\[select\] takes within = \[keys the study varies\]"):
+        load_study(write(tmp_path / "b.toml", "[base]\nvalidation-fraction = 0.1\n" + grid + "[select]\nwithin = [\"lora-rank\"]\n"))
+    chosen = load_study(write(tmp_path / "c.toml", "[base]\nvalidation-fraction = 0.1\n" + grid + "[select]\nwithin = [\"aggregation\"]\n"))
+    assert chosen.select_within == ["aggregation"]

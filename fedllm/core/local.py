@@ -23,13 +23,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedllm.config import RunConfig
 from fedllm.cooperation.align import Target
 from fedllm.cooperation.distill import distill
-from fedllm.data import Example, client_share, load_examples, load_splits
+from fedllm.data import Example, client_share, load_examples, load_splits, train_test_split
 from fedllm.data.format import Prompter
 from fedllm.emulator import FULL, EmulatorError, LayerMap, instantiate, load_cached, save_cached, verified
 from fedllm.evaluation import Scores, context_length, score
 from fedllm.methods import PeftMethod, Tensors, build_method
 from fedllm.models import cache_dir, load_model, load_tokenizer, pick_device
-from fedllm.seeds import local_training_seed
+from fedllm.seeds import local_training_seed, validation_seed
 from fedllm.train import Encoded, encode, train_steps
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def client_examples(cfg: RunConfig, node: NodeSettings) -> list[Example]:
                          "part of; run the baseline in simulation")
     if node.data_path:
         return own_splits(cfg, node.data_path)[0] if cfg.evaluation != "server" else load_examples(node.data_path)
-    train, _ = run_splits(cfg)
+    train, _, _ = run_splits(cfg)
     if cfg.baseline == "centralized":
         return train
     return client_share(train, cfg.partition, node.partition_id, node.num_partitions, cfg.seed)
@@ -94,7 +94,7 @@ def client_test_examples(cfg: RunConfig, node: NodeSettings) -> list[Example]:
     of the run's test split (partitioned as the training split, so it follows the node's tasks)."""
     if node.data_path:
         return own_splits(cfg, node.data_path)[1]
-    _, test = run_splits(cfg)
+    _, _, test = run_splits(cfg)
     try:
         return client_share(test, cfg.partition, node.partition_id, node.num_partitions, cfg.seed)
     except ValueError as error:
@@ -102,9 +102,16 @@ def client_test_examples(cfg: RunConfig, node: NodeSettings) -> list[Example]:
                          "test-per-task / test-fraction or use evaluation = 'server'") from None
 
 
-def run_splits(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
-    return load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
-                       test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+def run_splits(cfg: RunConfig) -> tuple[list[Example], list[Example], list[Example]]:
+    """The run's training, validation and test examples: `validation-fraction` of each task's
+    training examples is held out before the training split is partitioned, so no client trains on
+    it (none without validation-fraction)."""
+    train, test = load_splits(cfg.dataset, seed=cfg.seed, train_per_task=cfg.train_per_task,
+                              test_per_task=cfg.test_per_task, test_fraction=cfg.test_fraction)
+    if cfg.validation_fraction == 0:
+        return train, [], test
+    train, validation = train_test_split(train, cfg.validation_fraction, validation_seed(cfg.seed))
+    return train, validation, test
 
 
 def own_splits(cfg: RunConfig, path: str) -> tuple[list[Example], list[Example]]:

@@ -15,10 +15,13 @@ from fedllm.evaluation import Scores, context_length, score
 class ServerModel:
     """The base model with the run's PEFT method and the exact global update installed."""
 
-    def __init__(self, cfg: RunConfig, test: list[Example], name: str | None = None) -> None:
-        """`name`: another model than the run's `model` (the merged model of a family of clients)."""
+    def __init__(self, cfg: RunConfig, test: list[Example], name: str | None = None,
+                 validation: list[Example] | None = None) -> None:
+        """`name`: another model than the run's `model` (the merged model of a family of clients);
+        `validation`: examples held out from training, scored besides the test split."""
         self.cfg = cfg
         self.test = test
+        self.validation = validation or []
         base, self.tokenizer = load_model(name or cfg.model, pick_device())
         self.method = build_method(cfg, base)
         self.model = self.method.evaluation_model(base)
@@ -28,6 +31,11 @@ class ServerModel:
         """The server model's scores on the held-out test split."""
         self.method.install_global(self.model, global_update)
         return score(self.model, self.prompter, self.test, max_length=context_length(self.model))
+
+    def validate(self, global_update: Tensors) -> Scores:
+        """The server model's scores on the validation split (what a study tunes on)."""
+        self.method.install_global(self.model, global_update)
+        return score(self.model, self.prompter, self.validation, max_length=context_length(self.model))
 
     def export(self, global_update: Tensors, out_dir: Path) -> float:
         """Save `adapter/` (peft's format) and, where the method merges into weights, `model/`

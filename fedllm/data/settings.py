@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fedllm.data.partition import parse_partition
 from fedllm.data.format import PROMPT_FORMATS
-from fedllm.settings import Settings, choice, positive, setting
+from fedllm.settings import ConfigError, Settings, choice, positive, setting
 
 
 def _is_partition(value: str) -> bool:
@@ -36,8 +36,19 @@ class DataSettings(Settings):
     test_fraction: float = setting(
         "test-fraction", 0.1, lambda v: 0 < v < 1, "a number in (0, 1)", "file datasets: share held out for evaluation"
     )
+    validation_fraction: float = setting(
+        "validation-fraction", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)",
+        "share of the training split held out from every client for tuning (never the test split); the server "
+        "scores it as validation_accuracy",
+    )
     prompt_format: str = choice(
         "prompt-format", "auto", PROMPT_FORMATS,
         "how examples are laid out: fedllm's plain 'instruction, input, >' or the tokenizer's chat template "
         "(auto: chat when the model has one); only the answer is learned",
     )
+
+    def check(self) -> None:
+        """The validation split is scored by the server."""
+        if self.validation_fraction > 0 and self.evaluation == "clients":
+            raise ConfigError("validation-fraction needs the server to score the validation split: use evaluation = "
+                              "'server' or 'both'")

@@ -69,8 +69,11 @@ class ServerMethod:
 
     def evaluate(self, aggregator: Aggregator, server: ServerModel) -> tuple[Scores, dict[str, Any]]:
         """On evaluated rounds, with the server model at hand: its scores on the server's test split,
-        and extra fields for the row."""
-        return server.evaluate(aggregator.global_delta), {}
+        and extra fields for the row (the validation split's headline, when there is one)."""
+        scores = server.evaluate(aggregator.global_delta)
+        if not server.validation:
+            return scores, {}
+        return scores, {"validation_accuracy": server.validate(aggregator.global_delta).headline(self.cfg.metric)}
 
     def final_update(self, aggregator: Aggregator) -> Delta | None:
         """The update to export as the run's model and adapter (None: nothing to export)."""
