@@ -3,8 +3,10 @@ node-config), or handle it in this process (`client.handlers`).
 
 In deployment Flower starts a fresh process per message, so this module stays light: torch,
 transformers and the handlers are imported only when this process handles a message itself.
-Every training reply reports its overhead: the seconds of the message that were not training
-(this process's start-up on its first message, imports, model loading, the hop to the worker).
+Every training reply reports where its time went besides training: `startup-seconds`, from this
+process's start to the message reaching the ClientApp (Flower's per-message process: spawning it,
+importing flwr and this module), and `overhead-seconds`, the message's time in the ClientApp outside
+training (importing torch and the handlers, loading the model, the hop to the worker).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client import node_worker
 
 app = ClientApp()
-OVERHEAD = "overhead-seconds"  # a training reply's metric
+STARTUP, OVERHEAD = "startup-seconds", "overhead-seconds"  # a training reply's metrics
 
 
 def _process_start() -> list[float]:
@@ -62,7 +64,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def handled(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply's content, from the node's worker if it has one, else from this process."""
     arrived = time.time()
-    started = _STARTED.pop() if _STARTED else arrived
+    startup = arrived - _STARTED.pop() if _STARTED else 0.0
     folder = context.node_config.get(node_worker.NODE_CONFIG_KEY)
     if folder:
         reply = node_worker.call(Path(str(folder)).expanduser(), kind, content, context)
@@ -70,12 +72,13 @@ def handled(kind: str, content: RecordDict, context: Context) -> RecordDict:
         from client.handlers import HANDLERS  # torch, transformers, peft: only where the work happens here
 
         reply = HANDLERS[kind](content, context)
-    _report_overhead(reply, time.time() - started)
+    _report_overhead(reply, startup, time.time() - arrived)
     return reply
 
 
-def _report_overhead(reply: RecordDict, seconds: float) -> None:
-    """Add the message's seconds outside training to a training reply's metrics."""
+def _report_overhead(reply: RecordDict, startup: float, handled_seconds: float) -> None:
+    """Add the process's start-up and the message's seconds outside training to a training reply's metrics."""
     metrics = reply.get("metrics")
     if isinstance(metrics, MetricRecord) and isinstance(metrics.get("train-seconds"), float):
-        metrics[OVERHEAD] = max(0.0, seconds - float(metrics["train-seconds"]))
+        metrics[STARTUP] = max(0.0, startup)
+        metrics[OVERHEAD] = max(0.0, handled_seconds - float(metrics["train-seconds"]))

@@ -177,10 +177,11 @@ def plain_round(grid: MeteredGrid, transport: Transport, server_round: int, roun
     extra = {} if cooperation is None else cooperation.complete(server_round, contributions, transport.answers, aggregator)
     aggregate_seconds = time.perf_counter() - aggregating - extra.get("cooperation_seconds", 0.0)
     processes = sorted({p for r in replies if None not in (p := (reply_metric(r, "pid"), reply_metric(r, "model-builds")))})
-    train_seconds, overhead_seconds = (reported_seconds(transport, replies, key) for key in ("train-seconds", "overhead-seconds"))
+    train_seconds, startup_seconds, overhead_seconds = (reported_seconds(transport, replies, key) for key in
+                                                        ("train-seconds", "startup-seconds", "overhead-seconds"))
     loss = weighted_loss(losses, weights) if aggregator.dp is None else None
     return RoundResult(len(contributions), len(messages) - len(replies), loss, rejected, processes, train_seconds,
-                       aggregate_seconds, overhead_seconds=overhead_seconds, extra=extra)
+                       aggregate_seconds, startup_seconds=startup_seconds, overhead_seconds=overhead_seconds, extra=extra)
 
 
 def reported_seconds(transport: Transport, replies: list[Message], key: str) -> dict[int, float]:

@@ -33,6 +33,7 @@ class RoundResult:
     train_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its client's local training time
     aggregate_seconds: float = 0.0  # the server's merge (plain rounds; a secure round's sum is the protocol's)
     min_survivors: int | None = None  # secure rounds: the fewest clients the sum could have completed with
+    startup_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its ClientApp process's start-up
     overhead_seconds: dict[int, float] = field(default_factory=dict)  # partition -> its message's time outside training
     extra: dict[str, Any] = field(default_factory=dict)  # more fields for the row (cooperation's)
 
@@ -87,7 +88,8 @@ class RunRecorder:
             client_upload_bytes=upload, client_download_bytes=download,
             refactor_error={str(r): s.relative_error for r, s in aggregator.sent.items()},
             client_processes=result.client_processes, round_seconds=round_seconds,
-            client_train_seconds=result.train_seconds, client_overhead_seconds=result.overhead_seconds,
+            client_train_seconds=result.train_seconds, client_startup_seconds=result.startup_seconds,
+            client_overhead_seconds=result.overhead_seconds,
             refactor_seconds=aggregator.refactor_seconds,
             aggregate_seconds=result.aggregate_seconds,
             **self.privacy_fields(aggregator.dp), **result.extra,

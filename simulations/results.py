@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "simulations"))
 
-from fedllm.study import execute, load_study, plot_study, separability, settings_table  # noqa: E402
+from fedllm.study import execute, load_study, plot_study, selection_table, separability, settings_table  # noqa: E402
 
 STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy", "emulator", "real", "cooperation")  # then any other study file
 
@@ -83,6 +83,9 @@ def study_section(study_file: Path, folder: Path, docs: Path) -> list[str]:
     if not done:
         return text
     text += [settings_table(done, study.varying), "", separability(done, study.varying), ""]
+    if study.select_within is not None:
+        text += ["Chosen on the validation split (the test split played no part):", "",
+                 selection_table(done, study.varying, study.select_within), ""]
     plot_study(done, study, folder / "runs", figures)
     text += [f"![accuracy per round](results/{name}/accuracy_per_round.png)", "",
              f"![accuracy against upload](results/{name}/accuracy_vs_upload.png)", ""]

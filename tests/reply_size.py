@@ -20,5 +20,6 @@ def serialized_reply_size(shapes: dict[str, torch.Size], codec) -> int:
         length = math.ceil(codec.density * shapes[tensor].numel())
         arrays[name] = Array(np.zeros(length if codec.sparse else tuple(shapes[name]), dtype=dtype))
     metrics = MetricRecord({"num-examples": 0, "train_loss": 0.0, "train-seconds": 0.0, "partition-id": 0,
-                            "lora-rank": 0, "pid": 0, "model-builds": 0, "overhead-seconds": 0.0})
+                            "lora-rank": 0, "pid": 0, "model-builds": 0, "startup-seconds": 0.0,
+                            "overhead-seconds": 0.0})
     return content_bytes(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}))
