@@ -217,6 +217,8 @@ def refactor_ranks(global_delta: Delta, scalings: dict[int, float], transposed: 
     zero `B` column, as peft initialises LoRA, so clients can train them; the product is unchanged.
     """
     ranks = sorted(scalings)
+    if not ranks:  # a round that samples no node (Poisson sampling under DP) sends nothing
+        return {}
     generators = {r: torch.Generator().manual_seed(seed) for r in ranks}
     iteration_start = torch.Generator().manual_seed(seed + 1)
     states: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
