@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fedllm.config import ConfigError
-from fedllm.launch import RunFailed, reused_superlink, run_simulation
+from fedllm.launch import RunFailed, reused_superlink, run_simulation, shared_ray_cluster
 from fedllm.outputs import EarlierRunError
 
 DEFAULT_CLIENTS = 6
@@ -93,7 +93,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if pending:  # what the results about to be written were made on
         (out / "machine.json").write_text(json.dumps(machine(), indent=2))
     app = Path(args.app) if args.app else project_dir()
-    with reused_superlink():
+    with shared_ray_cluster(), reused_superlink():  # one Ray and one SuperLink for all the study's runs
         rows = execute(study, out, lambda run_config, clients, folder: run_simulation(
             app, run_config, clients, folder, cpus_per_client=args.cpus_per_client))
     write_results(rows, out)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from fedllm.launch import reused_superlink, run_simulation
+from fedllm.launch import RayHead, reused_superlink, run_simulation, shared_ray_cluster
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -24,9 +25,18 @@ def simulate(run_config: str, clients: int, output_dir: Path) -> Path:
     return run_simulation(PROJECT, run_config, clients, output_dir, cpus_per_client=ONE_ACTOR_CPUS)
 
 
+def client_processes_are_workers_of(out: Path, head: RayHead) -> bool:
+    """Whether every client process a run reports was a worker of the cluster `head` (Ray writes one
+    log file per worker process, named with its pid, into the cluster's own folder)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pids = {pid for pid, _ in rows[-1]["client_processes"]}
+    worker_logs = {path.name for path in head.folder.glob("session_*/logs/worker-*.out")}
+    return bool(pids) and all(any(name.endswith(f"-{pid}.out") for name in worker_logs) for pid in pids)
+
+
 # Fixtures that start real Flower processes (a simulation's SuperLink, a deployment's SuperLink and
 # SuperNodes): every test using one is marked `slow`, so `pytest -m "not slow"` is the quick loop.
-FLOWER_FIXTURES = {"flower_env", "procs", "link", "deployment"}
+FLOWER_FIXTURES = {"flower_env", "ray_cluster", "procs", "link", "deployment"}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -36,7 +46,18 @@ def pytest_collection_modifyitems(items) -> None:
 
 
 @pytest.fixture(scope="session")
-def flower_env(tmp_path_factory) -> dict[str, str]:
+def ray_cluster() -> RayHead:
+    """One Ray head for every simulation of the session, as `fedllm study` has for its runs (a
+    RAY_ADDRESS of the caller's is set aside: tests never run on someone's cluster)."""
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    with shared_ray_cluster() as head:
+        yield head
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved
+
+
+@pytest.fixture(scope="session")
+def flower_env(tmp_path_factory, ray_cluster) -> dict[str, str]:
     """Environment for real `flwr run` calls: offline, own FLWR_HOME, own local SuperLink ports.
 
     Own ports mean a SuperLink left running elsewhere (with another environment) is never used.

@@ -15,7 +15,7 @@ from fedllm.config import ConfigError
 from fedllm.models import builtin_weights_digest
 from fedllm import study
 from fedllm.study import PlannedRun, Study, load_study, pending_runs
-from tests.conftest import ONE_ACTOR_CPUS, PROJECT
+from tests.conftest import ONE_ACTOR_CPUS, PROJECT, client_processes_are_workers_of
 
 
 def read_rows(folder):
@@ -57,7 +57,7 @@ def test_bad_study_files_name_the_problem(tmp_path, text, message):
         load_study(write(tmp_path / "bad.toml", text))
 
 
-def test_a_tiny_study_runs_reports_and_resumes(flower_env, tmp_path, capsys):
+def test_a_tiny_study_runs_reports_and_resumes(flower_env, ray_cluster, tmp_path, capsys):
     study_file = write(tmp_path / "tiny.toml", """
 clients = 2
 [base]
@@ -102,6 +102,7 @@ model = "builtin:nonexistent"
 
     for name, summary in summaries.items():
         folder, last = out / "runs" / name, read_rows(out / "runs" / name)[-1]
+        assert client_processes_are_workers_of(folder, ray_cluster), "the study's runs share one Ray cluster"
         if summary["config"]["baseline"] == "centralized":  # one client, on every partition pooled
             assert last["clients"] == 1 and list(last["client_train_seconds"]) == ["0"]
             assert {n["num_examples"] for n in summary["nodes"]} == {6 * 8}, summary["nodes"]
