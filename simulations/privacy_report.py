@@ -44,42 +44,59 @@ def epsilon_text(value: float | None) -> str:
     return "–" if value is None else "∞" if math.isinf(value) else f"{value:.3g}"
 
 
-def tables(rows: list[dict]) -> str:
-    lines = ["| setting | secure aggregation | ε (δ = 1e-5) | final accuracy |", "|---|---|---|---|"]
+def settings(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs by setting (DP, noise multiplier, secure aggregation): the seeds of one setting together."""
+    groups: dict[tuple, list[dict]] = {}
     for row in sorted(rows, key=lambda r: (r["dp"] != "none", r["z"] or 0, r["secure"])):
-        lines.append(f"| {label(row)} | {'yes' if row['secure'] else 'no'} | {epsilon_text(row['epsilon'])} | "
-                     f"{row['accuracy']:.3f} |")
+        groups.setdefault((row["dp"], row["z"], row["secure"]), []).append(row)
+    return groups
+
+
+def accuracy_text(members: list[dict]) -> str:
+    accs = [r["accuracy"] for r in members]
+    spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else " (one seed)"
+    return f"{statistics.fmean(accs):.3f}{spread}"
+
+
+def tables(rows: list[dict]) -> str:
+    lines = ["| setting | secure aggregation | ε (δ = 1e-5) | seeds | final accuracy (mean ± std) |", "|---|---|---|---|---|"]
+    for (_, _, secure), members in settings(rows).items():
+        lines.append(f"| {label(members[0])} | {'yes' if secure else 'no'} | {epsilon_text(members[0]['epsilon'])} | "
+                     f"{len(members)} | {accuracy_text(members)} |")
     lines += ["", "| setting | round time (median), plain → secure | bytes sent + received per client per round, plain → secure |",
               "|---|---|---|"]
-    pairs = {}
-    for row in rows:
-        pairs.setdefault(label(row), {})[row["secure"]] = row
+    pairs: dict[str, dict[bool, list[dict]]] = {}
+    for (_, _, secure), members in settings(rows).items():
+        pairs.setdefault(label(members[0]), {})[secure] = members
     for name, pair in pairs.items():
         if len(pair) == 2:
-            plain, secure = pair[False], pair[True]
-            lines.append(f"| {name} | {plain['round_seconds']:.1f} s → {secure['round_seconds']:.1f} s "
-                         f"(×{secure['round_seconds'] / plain['round_seconds']:.2f}) | "
-                         f"{plain['bytes_per_client_round'] / 1024:,.0f} KiB → {secure['bytes_per_client_round'] / 1024:,.0f} KiB "
-                         f"(×{secure['bytes_per_client_round'] / plain['bytes_per_client_round']:.2f}) |")
+            (plain_s, secure_s), (plain_b, secure_b) = (
+                (statistics.median(r[key] for r in pair[False]), statistics.median(r[key] for r in pair[True]))
+                for key in ("round_seconds", "bytes_per_client_round"))
+            lines.append(f"| {name} | {plain_s:.1f} s → {secure_s:.1f} s (×{secure_s / plain_s:.2f}) | "
+                         f"{plain_b / 1024:,.0f} KiB → {secure_b / 1024:,.0f} KiB (×{secure_b / plain_b:.2f}) |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Mean final accuracy against ε per setting, with error bars of ± one standard deviation over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = settings(rows)
     for secure, marker in ((False, "o"), (True, "x")):
-        points = sorted((r["epsilon"], r["accuracy"]) for r in rows
-                        if r["secure"] == secure and r["epsilon"] is not None and math.isfinite(r["epsilon"]))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker,
-                label="secure aggregation" if secure else "plain")
-        for r in rows:
-            if r["secure"] == secure and r["dp"] == "none":
-                ax.axhline(r["accuracy"], linestyle=":", color="grey")
-    ax.set(xscale="log", xlabel="ε after the run (δ = 1e-5)", ylabel="final accuracy",
+        points = sorted((m[0]["epsilon"], [r["accuracy"] for r in m]) for (_, _, s), m in groups.items()
+                        if s == secure and m[0]["epsilon"] is not None and math.isfinite(m[0]["epsilon"]))
+        ax.errorbar([p[0] for p in points], [statistics.fmean(p[1]) for p in points], marker=marker, capsize=2,
+                    yerr=[statistics.stdev(p[1]) if len(p[1]) > 1 else 0.0 for p in points],
+                    label="secure aggregation" if secure else "plain")
+        for (dp, _, s), members in groups.items():
+            if s == secure and dp == "none":
+                ax.axhline(statistics.fmean(r["accuracy"] for r in members), linestyle=":", color="grey")
+    ax.set(xscale="log", xlabel="ε after the run (δ = 1e-5)", ylabel="final accuracy (mean ± std over seeds)",
            title="accuracy against ε (dotted: no DP)")
     ax.legend()
     fig.tight_layout()
