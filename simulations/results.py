@@ -17,6 +17,7 @@ committed, so a session can rerun one study and regenerate the page without reru
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ STUDY_ORDER = ("operators", "methods", "ranks", "clients", "privacy", "emulator"
 
 
 BENCH_HEADING = "Simulation at scale"
+MIN_SEEDS = 3  # fewer seeds per setting give no spread a difference can be tested against
 
 
 class NotRun(RuntimeError):
@@ -116,6 +118,30 @@ def previous_sections(results_md: Path) -> dict[str, list[str]]:
     return {h: lines for h, lines in sections.items() if not any(line.startswith("Not run yet") for line in lines)}
 
 
+def fewest_seeds(section: list[str]) -> int | None:
+    """The fewest seeds of any setting in a study section, read from its table's `seeds` column."""
+    for i, line in enumerate(section):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and "seeds" in cells:
+            column = cells.index("seeds")
+            rows = itertools.takewhile(lambda row: row.startswith("|"), section[i + 2:])
+            counts = [int(c) for row in rows if (c := row.strip().strip("|").split("|")[column].strip()).isdigit()]
+            return min(counts) if counts else None
+    return None
+
+
+def seeds_overview(sections: dict[str, list[str]]) -> list[str]:
+    """A line at the top: the fewest seeds per setting of every study, and what fewer than 3 means."""
+    seeds = {name: fewest_seeds(lines) for name, lines in sections.items()}
+    listed = ", ".join(f"{name} {n}" for name, n in seeds.items() if n is not None)
+    short = [name for name, n in seeds.items() if n is not None and n < MIN_SEEDS]
+    text = f"Seeds per setting (the fewest in each study): {listed}."
+    if short:
+        text += (f" With fewer than {MIN_SEEDS} ({', '.join(short)}) a setting has no usable spread: read those "
+                 "studies' rankings as untested against seed noise.")
+    return [text, ""]
+
+
 def bench_section(path: Path) -> list[str]:
     results = json.loads(path.read_text())
     first = results[0]
@@ -148,15 +174,19 @@ def main() -> None:
             "(simulations/studies/); do not edit by hand. Accuracy is exact match of the server model "
             "on the built-in suite's held-out test split, mean over its six tasks.", ""]
     kept = previous_sections(docs / "RESULTS.md")
+    sections: dict[str, list[str]] = {}
     for study_file in files:
         folder = studies / f"study-{study_file.stem}"
         if folder.is_dir():
-            text += study_section(study_file, folder, docs)
+            sections[study_file.stem] = study_section(study_file, folder, docs)
         elif study_file.stem in kept:
-            text += kept[study_file.stem]
+            sections[study_file.stem] = kept[study_file.stem]
             print(f"kept the section of {study_file.stem} from the previous RESULTS.md ({folder} is absent)")
         else:
-            text += [f"## {study_file.stem}", "", f"Not run yet: `fedllm study simulations/studies/{study_file.name}`.", ""]
+            sections[study_file.stem] = [f"## {study_file.stem}", "",
+                                         f"Not run yet: `fedllm study simulations/studies/{study_file.name}`.", ""]
+    text += seeds_overview(sections)
+    text += [line for lines in sections.values() for line in lines]
     if args.bench:
         text += bench_section(Path(args.bench))
     elif BENCH_HEADING in kept:

@@ -148,6 +148,20 @@ def test_results_page_keeps_the_sections_of_studies_not_rerun(tmp_path, monkeypa
     assert all(f"## {name}\n\nNot run yet" in shipped for name in not_run)
 
 
+def test_the_results_page_names_the_studies_with_fewer_than_three_seeds_per_setting():
+    sys.path.insert(0, str(PROJECT / "simulations"))
+    import results
+
+    def section(*seeds):
+        return ["## s", "", "| aggregation | seeds | final accuracy |", "|---|---|---|",
+                *(f"| `x{i}` | {n} | 0.5 |" for i, n in enumerate(seeds)), "", "| other | table |"]
+
+    assert results.fewest_seeds(section(3, 1, 4)) == 1
+    assert results.fewest_seeds(["## s", "", "Not run yet."]) is None
+    overview = results.seeds_overview({"a": section(3, 3), "b": section(3, 2), "c": ["Not run yet."]})[0]
+    assert "the fewest in each study): a 3, b 2." in overview and "fewer than 3 (b)" in overview
+
+
 def test_a_finished_run_counts_as_done_although_its_secret_seed_was_never_saved(tmp_path):
     """Outputs leave secret-seed out, so a study that sets it must not take that for a change."""
     (tmp_path / "runs" / "r").mkdir(parents=True)
