@@ -2,7 +2,8 @@
 
 A study file has `clients` (simulated nodes per run, default 6), a `[base]` table of run-config
 keys, a `[grid]` table of key = list of values whose cross product is run (`seed` is a key like
-any other), and optionally `[[runs]]`, explicit override tables run on top of `[base]`. `clients`
+any other), and optionally `[[runs]]`, explicit override tables run on top of `[base]`, and
+`seeds = [...]`: every setting of the grid and of `[[runs]]` is run once per seed. `clients`
 may also be a key of `[grid]` or `[[runs]]` (a client-count sweep). A `[select]` table with
 `within = [keys]` tunes on the validation split: for each value of those keys (e.g. each
 `aggregation`), the setting of the other varying keys with the best mean validation accuracy over
@@ -68,9 +69,9 @@ def load_study(path: Path) -> Study:
         spec = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"study file {path}: {error}") from None
-    unknown = set(spec) - {"clients", "base", "grid", "runs", "select"}
+    unknown = set(spec) - {"clients", "seeds", "base", "grid", "runs", "select"}
     if unknown:
-        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, [base], [grid], "
+        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, seeds, [base], [grid], "
                           "[[runs]], [select]")
     base, grid, extra = spec.get("base", {}), spec.get("grid", {}), spec.get("runs", [])
     clients = spec.get("clients", 6)
@@ -80,6 +81,8 @@ def load_study(path: Path) -> Study:
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     settings = [{"clients": clients, **base, **combo} for combo in combos]
     settings += [{"clients": clients, **base, **run} for run in extra]
+    if "seeds" in spec:
+        settings = [{**setting, "seed": seed} for setting in settings for seed in _seeds(path, spec["seeds"], settings)]
     for setting in settings:
         if not isinstance(setting["clients"], int) or setting["clients"] < 1:
             raise ConfigError(f"study file {path}: clients = {setting['clients']!r}; expected an integer >= 1")
@@ -92,6 +95,16 @@ def load_study(path: Path) -> Study:
         raise ConfigError(f"study file {path}: two runs have identical settings")
     runs = [PlannedRun(n, {k: v for k, v in s.items() if k != "clients"}, s["clients"]) for n, s in zip(names, settings)]
     return Study(clients, base, runs, varying, _select_within(path, spec.get("select"), runs, varying))
+
+
+def _seeds(path: Path, seeds: Any, settings: list[dict[str, Any]]) -> list[int]:
+    """The study's `seeds`, checked: distinct integers, and no setting naming its own seed."""
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"study file {path}: seeds = {seeds!r}; expected a list of distinct integers, e.g. [0, 1, 2]")
+    if any("seed" in setting for setting in settings):
+        raise ConfigError(f"study file {path}: seeds runs every setting once per seed; remove `seed` from [base], "
+                          "[grid] and [[runs]]")
+    return seeds
 
 
 def _select_within(path: Path, select: Any, runs: list[PlannedRun], varying: list[str]) -> list[str] | None:

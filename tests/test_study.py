@@ -45,12 +45,28 @@ aggregation = "ties"
     assert len({r.name for r in study.runs}) == len(study.runs)
 
 
+def test_seeds_run_every_setting_of_the_grid_and_of_the_explicit_runs_once_per_seed(tmp_path):
+    study = load_study(write(tmp_path / "s.toml", """
+seeds = [0, 1, 2]
+[grid]
+lora-rank = [2, 4]
+[[runs]]
+aggregation = "ties"
+"""))
+    assert [(r.overrides.get("lora-rank"), r.overrides.get("aggregation"), r.overrides["seed"]) for r in study.runs] == [
+        (2, None, 0), (2, None, 1), (2, None, 2), (4, None, 0), (4, None, 1), (4, None, 2),
+        (None, "ties", 0), (None, "ties", 1), (None, "ties", 2)]
+    assert study.varying == ["aggregation", "lora-rank", "seed"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("[base]\nlora-rnak = 2", "unknown run-config key 'lora-rnak'"),
     ("[grid]\nseed = 3", r"\[grid\] seed must be a non-empty list"),
     ("[grd]\nseed = [1]", "unknown table"),
     ("clients = 0", "clients = 0; expected an integer >= 1"),
     ("[grid]\nlearning-rate = [0.1, -1.0]", "learning-rate = -1.0 is not accepted"),
+    ("seeds = [0, 0]", r"seeds = \[0, 0\]; expected a list of distinct integers"),
+    ("seeds = [0, 1]\n[[runs]]\nseed = 3", "remove `seed` from"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
