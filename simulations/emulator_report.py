@@ -60,6 +60,18 @@ def order(row: dict) -> tuple:
     return row["model"], -row["weights_bytes"], row["adapters"], row["distill_steps"]
 
 
+def settings(rows: list[dict]) -> list[list[dict]]:
+    """The runs of each setting (its seeds together), in the report's order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in sorted(rows, key=order):
+        groups.setdefault((*order(row), row["client_model"]), []).append(row)
+    return list(groups.values())
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def label(row: dict) -> str:
     name = "full model" if row["client_model"] == "full" else f"{row['client_model']} (layers {row['layers']})"
     name += ", adapters on the first and last layer" if row["adapters"] == "ends" else ""
@@ -120,16 +132,19 @@ def client_key(row: dict) -> tuple[str, str]:
 # -- the report ------------------------------------------------------------------------------
 
 def table(rows: list[dict], measured: dict[tuple[str, str], dict]) -> str:
-    lines = ["| server model | clients train on | server accuracy (base → final) | client base weights | client peak memory | "
-             "step time (× full) | download, first round | download, later rounds | upload per round | "
-             "distillation: hidden-state gap |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(rows, key=order):
+    lines = ["| server model | clients train on | seeds | server accuracy: base → final (mean ± std) | client base weights | "
+             "client peak memory | step time (× full) | download, first round | download, later rounds | "
+             "upload per round | distillation: hidden-state gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for members in settings(rows):
+        row = members[0]  # weights, bytes and the client measured are the same for every seed
         m, full = measured.get(client_key(row), {}), measured.get((row["model"], ""), {})
         ratio = f" (×{m['step_seconds'] / full['step_seconds']:.2f})" if m and full else ""
         gap = row["gap"]
         gap_text = f"{gap[0]:.3f} → {gap[1]:.3f} in {row['build_seconds']:.0f} s" if gap[0] is not None else "–"
+        accs = [r["accuracy"] for r in members]
         lines.append(
-            f"| `{row['model']}` | {label(row)} | {row['base_accuracy']:.3f} → **{row['accuracy']:.3f}** | "
+            f"| `{row['model']}` | {label(row)} | {len(members)} | {statistics.fmean(r['base_accuracy'] for r in members):.3f} → "
+            f"**{statistics.fmean(accs):.3f}** ± {spread(accs):.3f} | "
             f"{row['weights_bytes'] / 2**20:.2f} MiB | {m.get('peak_rss_bytes', 0) / 2**20:.0f} MiB | "
             f"{m.get('step_seconds', 0) * 1000:.0f} ms{ratio} | {row['first_download'] / 1024:,.0f} KiB | "
             f"{row['later_download'] / 1024:,.0f} KiB | {row['upload'] / 1024:,.0f} KiB | {gap_text} |")
@@ -137,23 +152,29 @@ def table(rows: list[dict], measured: dict[tuple[str, str], dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Per setting, the server model's accuracy per round and against the weights a client holds,
+    at the mean over seeds with error bars of ± one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 6.5))
-    for row in sorted(rows, key=order):
-        curves.plot(range(len(row["curve"])), row["curve"], label=f"{row['model']}: {label(row)}")
-    curves.set(xlabel="round", ylabel="server model accuracy (exact match)", title="The full server model, per round")
-    curves.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14))  # below the axes: curves stay visible
-    for row in rows:
-        bars.scatter(row["weights_bytes"] / 2**20, row["accuracy"], s=60)
+    for members in settings(rows):
+        row, length = members[0], min(len(r["curve"]) for r in members)
+        per_round = [[r["curve"][i] for r in members] for i in range(length)]
+        curves.errorbar(range(length), [statistics.fmean(v) for v in per_round], yerr=[spread(v) for v in per_round],
+                        capsize=2, label=f"{row['model']}: {label(row)}")
+        accs = [r["accuracy"] for r in members]
+        bars.errorbar(row["weights_bytes"] / 2**20, statistics.fmean(accs), yerr=spread(accs), fmt="o", capsize=3)
         short = label(row).split(" (")[0] + (", ends" if row["adapters"] == "ends" else "") + (" + distil" if row["distill_steps"] else "")
-        bars.annotate(f"{row['model'].split(':')[-1]}: {short}",
-                      (row["weights_bytes"] / 2**20, row["accuracy"]), fontsize=8, xytext=(4, 4),
-                      textcoords="offset points")
-    bars.set(xlabel="base weights a client holds (MiB)", ylabel="final server accuracy", title="Accuracy against client size")
+        bars.annotate(f"{row['model'].split(':')[-1]}: {short}", (row["weights_bytes"] / 2**20, statistics.fmean(accs)),
+                      fontsize=8, xytext=(4, 4), textcoords="offset points")
+    curves.set(xlabel="round", ylabel="server model accuracy (exact match, mean ± std over seeds)",
+               title="The full server model, per round")
+    curves.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14))  # below the axes: curves stay visible
+    bars.set(xlabel="base weights a client holds (MiB)", ylabel="final server accuracy (mean ± std over seeds)",
+             title="Accuracy against client size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
