@@ -209,3 +209,21 @@ def test_the_worker_builds_the_model_once_for_a_runs_train_and_evaluate_messages
     assert replies[0]["model-builds"] == replies[1]["model-builds"] == MODEL_BUILDS["builtin:micro"] <= before + 1
     assert {r["pid"] for r in replies} == {os.getpid()}
     assert all(r["train_loss"] > 0 for r in replies)
+
+
+def test_a_process_serving_a_second_run_lets_go_of_the_first_runs_model():
+    """A resident worker outlives runs: building the next run's model drops the last run's."""
+    import gc
+    import weakref
+
+    from fedllm.core.local import worker_for
+
+    first_cfg, second_cfg = (RunConfig.from_flower({"model": "builtin:micro", "seed": seed}) for seed in (0, 1))
+    first = worker_for(first_cfg)
+    assert worker_for(first_cfg) is first, "the same run keeps its worker"
+    released = weakref.ref(first.base)
+    del first
+    second = worker_for(second_cfg)
+    gc.collect()
+    assert released() is None, "the first run's model is still held"
+    assert worker_for(second_cfg) is second

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,25 +225,36 @@ def proximal_term(model: torch.nn.Module, mu: float) -> Iterator[None]:
             handle.remove()
 
 
-_WORKERS: dict[str, Worker] = {}
+_WORKERS: dict[str, Worker] = {}  # "<run config digest>[:<model>]" -> the worker, for this process's lifetime
+
+
+def _worker(cfg: RunConfig, model: str, build: Callable[[], Worker]) -> Worker:
+    """This run's worker of `model` ('' for the full base model), built on first use. Building one
+    drops the workers of other runs: a resident node worker serves runs one after another, and
+    each would otherwise keep its base model in memory for good."""
+    run = cfg.digest()
+    key = f"{run}:{model}"
+    if key not in _WORKERS:
+        for other in [k for k in _WORKERS if not k.startswith(f"{run}:")]:
+            del _WORKERS[other]
+        _WORKERS[key] = build()
+    return _WORKERS[key]
 
 
 def worker_for(cfg: RunConfig) -> Worker:
     """The process-wide worker of a run on the full base model, built on first use."""
-    key = cfg.digest()
-    if key not in _WORKERS:
+    def build() -> Worker:
         base, tokenizer = load_model(cfg.model, pick_device())
-        _WORKERS[key] = Worker(cfg, cfg.model, base, tokenizer)
-    return _WORKERS[key]
+        return Worker(cfg, cfg.model, base, tokenizer)
+    return _worker(cfg, "", build)
 
 
 def model_worker(cfg: RunConfig, name: str) -> Worker:
     """The process-wide worker of another model than the server's (cooperation), built on first use."""
-    key = f"{cfg.digest()}:{name}"
-    if key not in _WORKERS:
+    def build() -> Worker:
         base, tokenizer = load_model(name, pick_device())
-        _WORKERS[key] = Worker(cfg, name, base, tokenizer)
-    return _WORKERS[key]
+        return Worker(cfg, name, base, tokenizer)
+    return _worker(cfg, name, build)
 
 
 def emulator_cache() -> Path:
@@ -255,8 +266,8 @@ def emulator_worker(cfg: RunConfig, identity: dict, weights: dict[str, torch.Ten
     """The worker of the emulator a train message names: built from the weights it carries (the
     first message of a run), else from this process or the node's cache; the digest is checked."""
     digest = str(identity["digest"])
-    key = f"{cfg.digest()}:{digest}"
-    if key not in _WORKERS:
+
+    def build() -> Worker:
         if weights is not None:
             emulator = verified(str(identity["config"]), tuple(int(i) for i in identity["kept"]),
                                 str(identity["prefix"]), weights, digest)
@@ -265,5 +276,5 @@ def emulator_worker(cfg: RunConfig, identity: dict, weights: dict[str, torch.Ten
             raise EmulatorError(f"emulator {digest[:12]} is not on this node (its cache {emulator_cache()} was "
                                 "cleared?); the server sends it again in the node's next round")
         model, layer_map = instantiate(emulator), emulator.layer_map.with_adapters(cfg.emulator_adapters)
-        _WORKERS[key] = Worker(cfg, f"emulator:{digest[:12]}", model, load_tokenizer(cfg.model), layer_map)
-    return _WORKERS[key]
+        return Worker(cfg, f"emulator:{digest[:12]}", model, load_tokenizer(cfg.model), layer_map)
+    return _worker(cfg, f"emulator:{digest}", build)
