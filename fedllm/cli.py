@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from fedllm.config import ConfigError
@@ -93,9 +94,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     if pending:  # what the results about to be written were made on
         (out / "machine.json").write_text(json.dumps(machine(), indent=2))
     app = Path(args.app) if args.app else project_dir()
-    with shared_ray_cluster(), reused_superlink():  # one Ray and one SuperLink for all the study's runs
-        rows = execute(study, out, lambda run_config, clients, folder: run_simulation(
-            app, run_config, clients, folder, cpus_per_client=args.cpus_per_client))
+    try:
+        # one Ray and one SuperLink for all the study's runs (none at all when every run is done)
+        with shared_ray_cluster() if pending else nullcontext(), reused_superlink():
+            rows = execute(study, out, lambda run_config, clients, folder: run_simulation(
+                app, run_config, clients, folder, cpus_per_client=args.cpus_per_client))
+    except RunFailed as error:  # the shared Ray head did not start; a failed run is a row instead
+        print(f"fedllm study: {error}", file=sys.stderr)
+        return 1
     write_results(rows, out)
     report = write_report(study_file, study, rows, out)
     print(report.read_text())

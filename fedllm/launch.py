@@ -66,31 +66,49 @@ class RayHead:
 def ray_head(cpus: int | None = None) -> Iterator[RayHead]:
     """Start a Ray head in a fresh folder under /tmp (Ray's socket paths must stay short), wait for
     it, and stop it and everything it started at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="fedllm-ray-", dir="/tmp"))
-    port = _free_port()
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={port}", f"--temp-dir={folder}", "--include-dashboard=false", "--disable-usage-stats"]
-    head = subprocess.Popen(command + ([f"--num-cpus={cpus}"] if cpus else []),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray = Path(sys.executable).with_name("ray")
+    if not ray.exists():
+        raise RunFailed(f"no `ray` command next to {sys.executable}: install fedllm into this environment "
+                        "(pip install -e .), or set RAY_ADDRESS to a running Ray cluster")
+    folder, port = Path(tempfile.mkdtemp(prefix="fedllm-ray-", dir="/tmp")), _free_port()
+    command = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+               f"--temp-dir={folder}", "--include-dashboard=false", "--disable-usage-stats",
+               *([f"--num-cpus={cpus}"] if cpus else [])]
+    head = None
     try:
-        deadline = time.monotonic() + 90
-        while not (folder / "ray_current_cluster").exists():
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RunFailed(f"the Ray head did not start ({' '.join(command)})")
-            time.sleep(0.2)
+        with open(folder / "head.log", "wb") as log:
+            head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _wait_for_head(head, folder, command)
         yield RayHead(f"127.0.0.1:{port}", folder)
     finally:
-        stop_tree(head.pid)
+        if head is not None:
+            stop_tree(head.pid)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for_head(head: subprocess.Popen, folder: Path, command: list[str], timeout: float = 90) -> None:
+    """Wait until the head has written its cluster address; say why it did not, with its last words."""
+    deadline = time.monotonic() + timeout
+    while not (folder / "ray_current_cluster").exists():
+        if head.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with code {head.returncode}" if head.returncode is not None else f"not up after {timeout:g} s"
+            tail = (folder / "head.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise RunFailed(f"the Ray head {why} ({' '.join(command)}); its last output:\n" + "\n".join(tail))
+        time.sleep(0.2)
 
 
 @contextmanager
 def shared_ray_cluster() -> Iterator[RayHead | None]:
     """Let the runs inside join one Ray head (RAY_ADDRESS) instead of each starting and stopping its
     own Ray, about 4 s a run here. Enter it before the local SuperLink starts: the simulation runs in
-    the SuperLink's process tree and reads RAY_ADDRESS there. A RAY_ADDRESS already set is kept
-    (and None yielded)."""
+    the SuperLink's process tree and reads RAY_ADDRESS there. A RAY_ADDRESS already set is kept, and
+    a local SuperLink already running would never see the head: in both cases no head starts (None)."""
     if os.environ.get("RAY_ADDRESS"):
+        yield None
+        return
+    if superlink_pids():
+        print(f"fedllm: a local SuperLink is already running on port {local_superlink_port()}: its runs each start "
+              "their own Ray (stop it first to let them share one)", file=sys.stderr)
         yield None
         return
     with ray_head() as head:

@@ -7,10 +7,13 @@ import json
 import re
 import statistics
 import sys
+from contextlib import contextmanager
 
 import pytest
 
+from fedllm import cli
 from fedllm.cli import main as fedllm_main
+from fedllm.launch import RunFailed
 from fedllm.config import ConfigError
 from fedllm.models import builtin_weights_digest
 from fedllm import study
@@ -59,6 +62,26 @@ aggregation = "ties"
     assert study.varying == ["aggregation", "lora-rank", "seed"]
 
 
+def test_a_study_runs_all_its_pending_runs_inside_one_shared_ray_cluster(tmp_path, monkeypatch):
+    events = []
+
+    @contextmanager
+    def recording_cluster():
+        events.append("head up")
+        yield None
+        events.append("head down")
+
+    def failing_run(app, run_config, clients, folder, cpus_per_client):
+        events.append("run")
+        raise RunFailed("no real run in this test")
+
+    monkeypatch.setattr(cli, "shared_ray_cluster", recording_cluster)
+    monkeypatch.setattr(cli, "run_simulation", failing_run)
+    study_file = write(tmp_path / "two.toml", "seeds = [0, 1]\n[base]\nnum-server-rounds = 1\n")
+    assert fedllm_main(["study", str(study_file), "--out", str(tmp_path / "out")]) == 1
+    assert events == ["head up", "run", "run", "head down"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("[base]\nlora-rnak = 2", "unknown run-config key 'lora-rnak'"),
     ("[grid]\nseed = 3", r"\[grid\] seed must be a non-empty list"),
@@ -66,6 +89,7 @@ aggregation = "ties"
     ("clients = 0", "clients = 0; expected an integer >= 1"),
     ("[grid]\nlearning-rate = [0.1, -1.0]", "learning-rate = -1.0 is not accepted"),
     ("seeds = [0, 0]", r"seeds = \[0, 0\]; expected a list of distinct integers"),
+    ("seeds = [true, false]", r"seeds = \[True, False\]; expected a list of distinct integers"),
     ("seeds = [0, 1]\n[[runs]]\nseed = 3", "remove `seed` from"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, text, message):
