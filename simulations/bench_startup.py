@@ -3,9 +3,10 @@
     python simulations/bench_startup.py [--runs 3] [--clients 6] [--run-config "..."]
 
 Runs the same short study (`--runs` seeds of a one-round run) twice through `fedllm study`'s own
-runner, in the same session so the machine's noise hits both: first each run starting and
-stopping its own Ray (as every `flwr run` does alone), then every run joining one Ray head
-(`fedllm.launch.shared_ray_cluster`, what `fedllm study` does). Both share one local SuperLink.
+runner, in the same session so the machine's noise hits both: first every run joining one Ray head
+(`fedllm.launch.shared_ray_cluster`, what `fedllm study` does), then each run starting and stopping
+its own Ray (as every `flwr run` does alone). The shared pass goes first so that one-time costs
+(cold file caches) count against it, not for it. Each pass starts one local SuperLink for its runs.
 For each it prints seconds per run, split into
 
 - outside the ServerApp: `flwr run` building and submitting the app, the SuperLink starting the
@@ -47,7 +48,8 @@ def timed_study(study_file: Path, out: Path, shared_ray: bool) -> list[dict[str,
         total = time.perf_counter() - started
         wall = json.loads((folder / "summary.json").read_text())["wall_seconds"]
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        rounds = sum(r.get("round_seconds", 0.0) + r.get("evaluate_seconds", 0.0) for r in rows)
+        # a round's seconds include its evaluation; round 0 is the base model's evaluation alone
+        rounds = rows[0].get("evaluate_seconds", 0.0) + sum(r["round_seconds"] for r in rows[1:])
         timings.append({"total": total, "outside": total - wall, "before_round_0": wall - rounds, "rounds": rounds})
 
     with ExitStack() as stack:
@@ -79,14 +81,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         study_file = Path(tmp) / "startup.toml"
         study_file.write_text(f"clients = {args.clients}\n[base]\n{settings}\n[grid]\nseed = [{seeds}]\n")
-        for label, shared in (("own Ray per run", False), ("one shared Ray", True)):
+        for label, shared in (("one shared Ray", True), ("own Ray per run", False)):
             passes[label] = timed_study(study_file, Path(tmp) / label.replace(" ", "-"), shared)
     print(f"{args.runs} runs per pass, {args.clients} clients, {args.run_config}; seconds per run (mean):")
     for label, timings in passes.items():
         print(f"  {label:>16}: total {mean(timings, 'total'):5.1f} = outside the ServerApp "
               f"{mean(timings, 'outside'):5.1f} + before round 0 {mean(timings, 'before_round_0'):5.1f} "
               f"+ rounds {mean(timings, 'rounds'):4.1f}")
-    own, shared = (mean(t, "total") - mean(t, "rounds") for t in passes.values())
+    own, shared = (mean(passes[label], "total") - mean(passes[label], "rounds")
+                   for label in ("own Ray per run", "one shared Ray"))
     print(f"seconds per run outside training: {own:.1f} -> {shared:.1f} ({own / shared:.2f}x)")
 
 
