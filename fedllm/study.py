@@ -82,7 +82,8 @@ def load_study(path: Path) -> Study:
     settings = [{"clients": clients, **base, **combo} for combo in combos]
     settings += [{"clients": clients, **base, **run} for run in extra]
     if "seeds" in spec:
-        settings = [{**setting, "seed": seed} for setting in settings for seed in _seeds(path, spec["seeds"], settings)]
+        seeds = _seeds(path, spec["seeds"], settings)
+        settings = [{**setting, "seed": seed} for setting in settings for seed in seeds]
     for setting in settings:
         if not isinstance(setting["clients"], int) or setting["clients"] < 1:
             raise ConfigError(f"study file {path}: clients = {setting['clients']!r}; expected an integer >= 1")
@@ -99,7 +100,7 @@ def load_study(path: Path) -> Study:
 
 def _seeds(path: Path, seeds: Any, settings: list[dict[str, Any]]) -> list[int]:
     """The study's `seeds`, checked: distinct integers, and no setting naming its own seed."""
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"study file {path}: seeds = {seeds!r}; expected a list of distinct integers, e.g. [0, 1, 2]")
     if any("seed" in setting for setting in settings):
         raise ConfigError(f"study file {path}: seeds runs every setting once per seed; remove `seed` from [base], "
@@ -453,7 +454,8 @@ def _plot(curves: dict[str, tuple[list[float], list[list[float]]]], path: Path, 
     ax.set(xlabel=xlabel, ylabel="accuracy (mean ± std over seeds)", title=title)
     if log_x:
         ax.set_xscale("log")
-    ax.legend(fontsize=7)
+    if curves:  # a study whose runs all failed has nothing to label
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

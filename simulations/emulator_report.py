@@ -112,9 +112,10 @@ def measure_client(model: str, digest: str, steps: int) -> dict:
 
 
 def measure_all(rows: list[dict], steps: int) -> dict[str, dict]:
-    """`measure_client` for each distinct client base model, each in a fresh process."""
+    """`measure_client` for each setting's client base model, each in a fresh process: the first
+    seed's, since memory and step time do not depend on the weights' values."""
     results = {}
-    for row in rows:
+    for row in (members[0] for members in settings(rows)):
         if client_key(row) in results:
             continue
         digest = client_key(row)[1]
@@ -139,8 +140,10 @@ def table(rows: list[dict], measured: dict[tuple[str, str], dict]) -> str:
         row = members[0]  # weights, bytes and the client measured are the same for every seed
         m, full = measured.get(client_key(row), {}), measured.get((row["model"], ""), {})
         ratio = f" (×{m['step_seconds'] / full['step_seconds']:.2f})" if m and full else ""
-        gap = row["gap"]
-        gap_text = f"{gap[0]:.3f} → {gap[1]:.3f} in {row['build_seconds']:.0f} s" if gap[0] is not None else "–"
+        distilled = [r for r in members if r["gap"][0] is not None]  # distillation is seeded: mean over seeds
+        gap_text = (f"{statistics.fmean(r['gap'][0] for r in distilled):.3f} → "
+                    f"{statistics.fmean(r['gap'][1] for r in distilled):.3f} in "
+                    f"{statistics.fmean(r['build_seconds'] for r in distilled):.0f} s" if distilled else "–")
         accs = [r["accuracy"] for r in members]
         lines.append(
             f"| `{row['model']}` | {label(row)} | {len(members)} | {statistics.fmean(r['base_accuracy'] for r in members):.3f} → "

@@ -135,6 +135,8 @@ def seeds_overview(sections: dict[str, list[str]]) -> list[str]:
     seeds = {name: fewest_seeds(lines) for name, lines in sections.items()}
     listed = ", ".join(f"{name} {n}" for name, n in seeds.items() if n is not None)
     short = [name for name, n in seeds.items() if n is not None and n < MIN_SEEDS]
+    if not listed:
+        return []
     text = f"Seeds per setting (the fewest in each study): {listed}."
     if short:
         text += (f" With fewer than {MIN_SEEDS} ({', '.join(short)}) a setting has no usable spread: read those "

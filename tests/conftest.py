@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,14 +47,16 @@ def pytest_collection_modifyitems(items) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> RayHead:
+def ray_cluster() -> Iterator[RayHead | None]:
     """One Ray head for every simulation of the session, as `fedllm study` has for its runs (a
     RAY_ADDRESS of the caller's is set aside: tests never run on someone's cluster)."""
     saved = os.environ.pop("RAY_ADDRESS", None)
-    with shared_ray_cluster() as head:
-        yield head
-    if saved is not None:
-        os.environ["RAY_ADDRESS"] = saved
+    try:
+        with shared_ray_cluster() as head:
+            yield head
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 @pytest.fixture(scope="session")

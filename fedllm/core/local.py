@@ -225,7 +225,7 @@ def proximal_term(model: torch.nn.Module, mu: float) -> Iterator[None]:
             handle.remove()
 
 
-_WORKERS: dict[str, Worker] = {}  # "<run config digest>[:<model>]" -> the worker, for this process's lifetime
+_WORKERS: dict[str, Worker] = {}  # "<run config digest>:<model>" -> the worker, while that run is this process's latest
 
 
 def _worker(cfg: RunConfig, model: str, build: Callable[[], Worker]) -> Worker:
