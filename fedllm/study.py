@@ -429,10 +429,12 @@ def plot_study(rows: list[dict[str, Any]], study: Study, runs: Path, out: Path) 
     per_round, per_byte = {}, {}
     for label, runs in sorted(runs_by_label.items()):
         length = min(map(len, runs))
-        accuracy = [[r[i]["accuracy"] for r in runs] for i in range(length)]
-        upload = itertools.accumulate(statistics.fmean(r[i].get("upload_bytes", 0) for r in runs) for i in range(length))
-        per_round[label] = (list(range(length)), accuracy)
-        per_byte[label] = (list(upload)[1:], accuracy[1:])  # round 0 has sent nothing (no point on a log axis)
+        upload = list(itertools.accumulate(statistics.fmean(r[i].get("upload_bytes", 0) for r in runs)
+                                           for i in range(length)))
+        scored = [i for i in range(length) if all("accuracy" in r[i] for r in runs)]  # evaluate-every skips rounds
+        per_round[label] = (scored, [[r[i]["accuracy"] for r in runs] for i in scored])
+        sent = [i for i in scored if i > 0]  # round 0 has sent nothing (no point on a log axis)
+        per_byte[label] = ([upload[i] for i in sent], [[r[i]["accuracy"] for r in runs] for i in sent])
     _plot(per_round, out / "accuracy_per_round.png", "round", "server model per round", log_x=False)
     _plot(per_byte, out / "accuracy_vs_upload.png", "cumulative upload bytes (all clients)", "accuracy against upload",
           log_x=True)

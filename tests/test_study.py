@@ -257,3 +257,20 @@ def test_selection_needs_a_validation_split_and_keys_the_study_varies(tmp_path):
         load_study(write(tmp_path / "b.toml", "[base]\nvalidation-fraction = 0.1\n" + grid + "[select]\nwithin = [\"lora-rank\"]\n"))
     chosen = load_study(write(tmp_path / "c.toml", "[base]\nvalidation-fraction = 0.1\n" + grid + "[select]\nwithin = [\"aggregation\"]\n"))
     assert chosen.select_within == ["aggregation"]
+
+
+def test_plots_show_only_the_rounds_a_study_evaluated(tmp_path, monkeypatch):
+    """With evaluate-every = 2 the rounds between carry no accuracy: the curves skip them."""
+    the_study = load_study(write(tmp_path / "s.toml", "seeds = [0, 1]\n[base]\nnum-server-rounds = 4\nevaluate-every = 2\n"))
+    rows = []
+    for run in the_study.runs:
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        metrics = [{"round": i, "upload_bytes": 100 * i, **({"accuracy": 0.1 * i} if i % 2 == 0 else {})} for i in range(5)]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
+        rows.append({**run.overrides, "run": run.name, "final_accuracy": 0.4})
+    curves = {}
+    monkeypatch.setattr(study, "_plot", lambda points, path, *args, **kwargs: curves.update({path.name: points}))
+    study.plot_study(rows, the_study, tmp_path / "runs", tmp_path)
+    assert curves["accuracy_per_round.png"] == {"base": ([0, 2, 4], [[0.0, 0.0], [0.2, 0.2], [0.4, 0.4]])}
+    assert curves["accuracy_vs_upload.png"] == {"base": ([300, 1000], [[0.2, 0.2], [0.4, 0.4]])}
