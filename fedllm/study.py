@@ -345,13 +345,13 @@ def separability(rows: list[dict[str, Any]], varying: list[str]) -> str:
     reference, *others = groups
 
     def label(setting: tuple) -> str:  # what differs from the reference
-        return ", ".join(f"{k}={v}" for k, v, r in zip(keys, setting, reference) if v != r) or "base"
+        return ", ".join(_assignment(k, v) for k, v, r in zip(keys, setting, reference) if v != r) or "base"
 
     verdicts = {setting: paired_difference(groups[setting], groups[reference]) for setting in others}
     apart = [label(s) for s, (_, interval) in verdicts.items() if beyond_noise(interval)]
     within = [label(s) for s, (_, interval) in verdicts.items() if interval is not None and not beyond_noise(interval)]
     unknown = [label(s) for s, (_, interval) in verdicts.items() if interval is None]
-    named = ", ".join(f"{k}={v}" for k, v in zip(keys, reference)) or "base"
+    named = ", ".join(_assignment(k, v) for k, v in zip(keys, reference)) or "base"
     text = [f"Against the reference ({named}), paired over seeds at 95%:",
             f"beyond seed noise: {'; '.join(apart) or 'none'}.",
             f"Not separable from noise: {'; '.join(within) or 'none'}."]
@@ -381,12 +381,17 @@ def selection_table(rows: list[dict[str, Any]], varying: list[str], within: list
         spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
         best_test = max(statistics.fmean(r["final_accuracy"] for r in m) for _, m in options)
         cells = [f"`{v}`" for v in method]
-        cells += [", ".join(f"{k}={named[k]}" for k in tuned) or "–",
+        cells += [", ".join(_assignment(k, named[k]) for k in tuned) or "–",
                   f"{statistics.fmean(r['final_validation_accuracy'] for r in members):.3f}",
                   f"{statistics.fmean(tests):.3f} ± {spread:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""),
                   f"{best_test:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _assignment(key: str, value: Any) -> str:
+    """`key=value` as the report names a setting; '' is an optional key left to its default."""
+    return f"{key}={value if value != '' else 'default'}"
 
 
 def _kib(size: float) -> str:
@@ -424,7 +429,7 @@ def plot_study(rows: list[dict[str, Any]], study: Study, runs: Path, out: Path) 
     runs_by_label: dict[str, list[list[dict[str, Any]]]] = {}
     for row in rows:
         if "final_accuracy" in row:
-            label = ", ".join(f"{k}={_setting(row, k)}" for k in keys) or "base"
+            label = ", ".join(_assignment(k, _setting(row, k)) for k in keys) or "base"
             runs_by_label.setdefault(label, []).append(_metrics(runs / row["run"]))
     per_round, per_byte = {}, {}
     for label, runs in sorted(runs_by_label.items()):

@@ -120,6 +120,7 @@ def previous_sections(results_md: Path) -> dict[str, list[str]]:
 
 def fewest_seeds(section: list[str]) -> int | None:
     """The fewest seeds of any setting in a study section, read from its table's `seeds` column."""
+    section = "\n".join(section).splitlines()  # a fresh section holds its table as one multi-line item
     for i, line in enumerate(section):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and "seeds" in cells:

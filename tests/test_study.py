@@ -197,6 +197,8 @@ def test_the_results_page_names_the_studies_with_fewer_than_three_seeds_per_sett
                 *(f"| `x{i}` | {n} | 0.5 |" for i, n in enumerate(seeds)), "", "| other | table |"]
 
     assert results.fewest_seeds(section(3, 1, 4)) == 1
+    fresh = section(3, 2)  # a section just written holds its table as one multi-line item
+    assert results.fewest_seeds([*fresh[:2], "\n".join(fresh[2:6]), *fresh[6:]]) == 2
     assert results.fewest_seeds(["## s", "", "Not run yet."]) is None
     overview = results.seeds_overview({"a": section(3, 3), "b": section(3, 2), "c": ["Not run yet."]})[0]
     assert "the fewest in each study): a 3, b 2." in overview and "fewer than 3 (b)" in overview
