@@ -69,10 +69,10 @@ def load_study(path: Path) -> Study:
         spec = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"study file {path}: {error}") from None
-    unknown = set(spec) - {"clients", "seeds", "base", "grid", "runs", "select"}
+    unknown = set(spec) - {"clients", "seeds", "reference", "base", "grid", "runs", "select"}
     if unknown:
-        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, seeds, [base], [grid], "
-                          "[[runs]], [select]")
+        raise ConfigError(f"study file {path}: unknown table(s) {sorted(unknown)}; use clients, seeds, reference, [base], "
+                          "[grid], [[runs]], [select]")
     base, grid, extra = spec.get("base", {}), spec.get("grid", {}), spec.get("runs", [])
     clients = spec.get("clients", 6)
     for key, values in grid.items():
@@ -81,6 +81,8 @@ def load_study(path: Path) -> Study:
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     settings = [{"clients": clients, **base, **combo} for combo in combos]
     settings += [{"clients": clients, **base, **run} for run in extra]
+    if "reference" in spec:
+        settings = _reference_first(path, spec["reference"], settings)
     if "seeds" in spec:
         seeds = _seeds(path, spec["seeds"], settings)
         settings = [{**setting, "seed": seed} for setting in settings for seed in seeds]
@@ -106,6 +108,18 @@ def _seeds(path: Path, seeds: Any, settings: list[dict[str, Any]]) -> list[int]:
         raise ConfigError(f"study file {path}: seeds runs every setting once per seed; remove `seed` from [base], "
                           "[grid] and [[runs]]")
     return seeds
+
+
+def _reference_first(path: Path, reference: Any, settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings with the one `reference` names moved first: every other setting is paired against it."""
+    if not isinstance(reference, dict) or not reference:
+        raise ConfigError(f"study file {path}: reference = {reference!r}; expected keys naming one setting, e.g. "
+                          "reference = { aggregation = \"weighted_average\" }")
+    matching = [s for s in settings if all(s.get(k) == v for k, v in reference.items())]
+    if len(matching) != 1:
+        raise ConfigError(f"study file {path}: reference {reference} matches {len(matching)} settings; name exactly "
+                          "one (seeds aside)")
+    return matching + [s for s in settings if s is not matching[0]]
 
 
 def _select_within(path: Path, select: Any, runs: list[PlannedRun], varying: list[str]) -> list[str] | None:
@@ -286,7 +300,7 @@ def _grouped(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[di
 
 def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     """Markdown: per setting, mean ± std of final accuracy over seeds with its 95% interval, the
-    paired difference to the reference setting (the study's first) and whether it is beyond seed
+    paired difference to the reference setting (the study's first: its `reference`) and whether it is beyond seed
     noise, the mean ROUGE-L over tasks before and after (when every run recorded it), the clients'
     own merged models' accuracy (in cooperation), mean upload bytes per client per round, seconds
     per round, mean wall time, and mean per-task accuracy."""

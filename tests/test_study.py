@@ -62,6 +62,18 @@ aggregation = "ties"
     assert study.varying == ["aggregation", "lora-rank", "seed"]
 
 
+def test_the_setting_a_study_names_as_its_reference_runs_first_and_is_what_the_others_are_paired_against(tmp_path):
+    text = 'seeds = [0, 1]\nreference = { aggregation = "weighted_average" }\n[grid]\naggregation = ["ties", "dare_ties"]\n' \
+           '[[runs]]\naggregation = "weighted_average"\n'
+    the_study = load_study(write(tmp_path / "s.toml", text))
+    assert [r.name for r in the_study.runs[:2]] == ["aggregation=weighted_average,seed=0", "aggregation=weighted_average,seed=1"]
+    rows = [summary_row(run.overrides["aggregation"], run.overrides["seed"], 0.3) for run in the_study.runs]
+    assert "Against the reference (aggregation=weighted_average)" in study.separability(rows, the_study.varying)
+    for reference, matches in (('{ aggregation = "median" }', 0), ('{ clients = 6 }', 3), ("{}", None)):
+        with pytest.raises(ConfigError, match=f"matches {matches} settings" if matches is not None else "expected keys"):
+            load_study(write(tmp_path / "bad.toml", text.replace('{ aggregation = "weighted_average" }', reference)))
+
+
 def test_a_study_runs_all_its_pending_runs_inside_one_shared_ray_cluster(tmp_path, monkeypatch):
     events = []
 
