@@ -100,7 +100,7 @@ def _wait_for_head(head: subprocess.Popen, folder: Path, command: list[str], tim
 @contextmanager
 def shared_ray_cluster() -> Iterator[RayHead | None]:
     """Let the runs inside join one Ray head (RAY_ADDRESS) instead of each starting and stopping its
-    own Ray, about 4 s a run here. Enter it before the local SuperLink starts: the simulation runs in
+    own Ray, about 3 s a run here (simulations/bench_startup.py). Enter it before the local SuperLink starts: the simulation runs in
     the SuperLink's process tree and reads RAY_ADDRESS there. A RAY_ADDRESS already set is kept, and
     a local SuperLink already running would never see the head: in both cases no head starts (None)."""
     if os.environ.get("RAY_ADDRESS"):

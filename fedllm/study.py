@@ -300,10 +300,10 @@ def _grouped(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[di
 
 def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     """Markdown: per setting, mean ± std of final accuracy over seeds with its 95% interval, the
-    paired difference to the reference setting (the study's first: its `reference`) and whether it is beyond seed
-    noise, the mean ROUGE-L over tasks before and after (when every run recorded it), the clients'
-    own merged models' accuracy (in cooperation), mean upload bytes per client per round, seconds
-    per round, mean wall time, and mean per-task accuracy."""
+    paired difference to the reference setting (the study's first, which `reference` names if set)
+    and whether it is beyond seed noise, the mean ROUGE-L over tasks before and after (when every
+    run recorded it), the clients' own merged models' accuracy (in cooperation), mean upload bytes
+    per client per round, seconds per round, mean wall time, and mean per-task accuracy."""
     keys = [k for k in varying if k != "seed"]
     groups = _grouped(rows, keys)
     reference = next(iter(groups), None)
@@ -450,10 +450,11 @@ def plot_study(rows: list[dict[str, Any]], study: Study, runs: Path, out: Path) 
         length = min(map(len, runs))
         upload = list(itertools.accumulate(statistics.fmean(r[i].get("upload_bytes", 0) for r in runs)
                                            for i in range(length)))
-        scored = [i for i in range(length) if all("accuracy" in r[i] for r in runs)]  # evaluate-every skips rounds
-        per_round[label] = (scored, [[r[i]["accuracy"] for r in runs] for i in scored])
-        sent = [i for i in scored if i > 0]  # round 0 has sent nothing (no point on a log axis)
-        per_byte[label] = ([upload[i] for i in sent], [[r[i]["accuracy"] for r in runs] for i in sent])
+        accuracy = {i: [r[i]["accuracy"] for r in runs] for i in range(length)
+                    if all("accuracy" in r[i] for r in runs)}  # evaluate-every skips rounds
+        per_round[label] = (list(accuracy), list(accuracy.values()))
+        sent = [i for i in accuracy if i > 0]  # round 0 has sent nothing (no point on a log axis)
+        per_byte[label] = ([upload[i] for i in sent], [accuracy[i] for i in sent])
     _plot(per_round, out / "accuracy_per_round.png", "round", "server model per round", log_x=False)
     _plot(per_byte, out / "accuracy_vs_upload.png", "cumulative upload bytes (all clients)", "accuracy against upload",
           log_x=True)

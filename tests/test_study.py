@@ -13,8 +13,8 @@ import pytest
 
 from fedllm import cli
 from fedllm.cli import main as fedllm_main
-from fedllm.launch import RunFailed
 from fedllm.config import ConfigError
+from fedllm.launch import RunFailed
 from fedllm.models import builtin_weights_digest
 from fedllm import study
 from fedllm.study import PlannedRun, Study, load_study, pending_runs
