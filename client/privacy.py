@@ -6,7 +6,7 @@ N(0, (zC)²/T), T the fewest clients the secure sum can complete with, and any c
 at least N(0, (zC)²), the noise central DP puts on the sum. Clipping and noise act on the upload's
 additive coordinates (the model-space update; for FFA-LoRA the change of B, whose model-space
 image is post-processing of what is released). Noise comes from the OS, or, for reproducible
-experiments, from `secret-seed` with its own stream per round and client (never repeated).
+experiments, from `secret-seed` with its own stream per run seed, round and client (never repeated).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def privatize(
         std = local_noise_std(cfg.dp_clip_norm, cfg.dp_noise_multiplier)
     else:
         std = distributed_noise_std(cfg.dp_clip_norm, cfg.dp_noise_multiplier, min_survivors)
-    generator = secret_generator(cfg.secret_seed, "client-noise", server_round, partition_id)
+    generator = secret_generator(cfg.secret_seed, cfg.seed, "client-noise", server_round, partition_id)
     noise = gaussian_noise({k: t.shape for k, t in clipped.items()}, std, generator)
     return {k: clipped[k] + noise[k] for k in clipped}, norm
 

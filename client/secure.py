@@ -59,8 +59,8 @@ def step_values(
         return upload
     update = worker_for(cfg).method.additive_update(upload, rank)
     params = cfg.aggregation_params()
-    return {name: client_step(cfg.aggregation, tensor, params, secret_int(cfg.secret_seed, "drop", server_round,
-                                                                          partition_id, name) % 2**31)
+    return {name: client_step(cfg.aggregation, tensor, params, secret_int(cfg.secret_seed, cfg.seed, "drop",
+                                                                          server_round, partition_id, name) % 2**31)
             for name, tensor in update.items()}
 
 

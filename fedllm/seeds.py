@@ -4,8 +4,8 @@ Public seeds come from the run config's `seed`: anyone who has the config can re
 is what reproducible runs need (sampling, re-factoring, operators, local training, FFA-LoRA's
 frozen A). Secret draws (DP noise and sampling, secure DARE masks) must be unpredictable to the
 server: they come from the OS, or, for reproducible experiments, from `secret-seed`, one stream
-per purpose and round so a resumed run draws what the uninterrupted run drew and no draw repeats
-another.
+per run seed, purpose and round so a resumed run draws what the uninterrupted run drew and no draw
+repeats another. (The public seed only tells streams apart; without `secret-seed` they are unknown.)
 """
 
 from __future__ import annotations

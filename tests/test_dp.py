@@ -120,6 +120,17 @@ def test_secret_streams_are_reproducible_per_label_and_unpredictable_without_a_s
     assert not torch.equal(draw(None), draw(None))
 
 
+
+def test_runs_sharing_a_secret_seed_draw_fresh_central_noise_per_public_seed():
+    """A study's seeds share one `secret-seed`: its spread must include the DP noise's, so each run
+    seed draws its own noise (reproducibly: the same run seed draws the same)."""
+    def noise(seed: int) -> torch.Tensor:
+        cfg = RunConfig.from_flower({"dp": "central", "dp-noise-multiplier": 1.0, "secret-seed": 3, "seed": seed})
+        return ServerDp(cfg).central_mean([], {"x": torch.Size([64])}, server_round=1, population=4)["x"]
+
+    assert torch.equal(noise(0), noise(0))
+    assert not torch.equal(noise(0), noise(1))
+
 def reference_epsilon(accountant, z: float, rounds: int, delta: float) -> float:
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds)
     return accountant.compose(event).get_epsilon(delta)

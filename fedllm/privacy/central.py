@@ -79,9 +79,13 @@ class ServerDp:
         self.releases = [float(row["dp_noise_multiplier"]) for row in rows[1:]]
         self.clip_norm = float(rows[-1].get("dp_clip_norm", self.clip_norm))
 
+    def _secret(self, *labels: object) -> torch.Generator:
+        """One secret stream of this run: `secret-seed`'s (else the OS's), apart per public seed and label."""
+        return secret_generator(self.cfg.secret_seed, self.cfg.seed, *labels)
+
     def poisson_sample(self, nodes: list[int], server_round: int) -> list[int]:
         """Each node independently with probability q, from secret randomness (its own stream per round)."""
-        draws = torch.rand(len(nodes), generator=secret_generator(self.cfg.secret_seed, "sample", server_round),
+        draws = torch.rand(len(nodes), generator=self._secret("sample", server_round),
                            dtype=torch.float64)
         return [node for node, draw in zip(nodes, draws.tolist()) if draw < self.cfg.fraction_train]
 
@@ -103,13 +107,13 @@ class ServerDp:
         count_std = self.count_noise(round(expected))
         if self.cfg.dp_adaptive_clipping and z > 0:
             z = update_noise_multiplier(z, count_std)
-        generator = secret_generator(self.cfg.secret_seed, "central-noise", server_round)
+        generator = self._secret("central-noise", server_round)
         noise = gaussian_noise(shapes, central_noise_std(self.clip_norm, z), generator)
         mean = {k: (sum((c[k] for c in clipped), torch.zeros(shape)) + noise[k]) / expected
                 for k, shape in shapes.items()}
         if self.cfg.dp_adaptive_clipping and norms:
             bits = clipped_fraction_bits(list(norms), self.clip_norm)
-            fraction = noisy_fraction(bits, count_std, secret_generator(self.cfg.secret_seed, "count-noise", server_round))
+            fraction = noisy_fraction(bits, count_std, self._secret("count-noise", server_round))
             self.clip_norm = next_clip_norm(self.clip_norm, fraction, self.cfg.dp_target_quantile,
                                             self.cfg.dp_clip_learning_rate)
         return mean
