@@ -277,6 +277,14 @@ def interval95(values: list[float]) -> tuple[float, float] | None:
     return statistics.fmean(values) - half, statistics.fmean(values) + half
 
 
+def mean_spread_text(values: list[float]) -> str:
+    """`mean ± std [95% interval]` over seeds, or `mean (one seed)`: how every study table shows accuracy."""
+    interval = interval95(values)
+    if interval is None:
+        return f"{statistics.fmean(values):.3f} (one seed)"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def paired_difference(members: list[dict[str, Any]], reference: list[dict[str, Any]]) -> tuple[float, tuple | None]:
     """Mean over shared seeds of (final accuracy − the reference's at the same seed), and its 95% interval."""
     theirs = {_setting(r, "seed"): r["final_accuracy"] for r in reference}
@@ -319,8 +327,6 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     ranked = sorted(groups.items(), key=lambda item: -statistics.fmean(r["final_accuracy"] for r in item[1]))
     for setting, members in ranked:
         accs = [r["final_accuracy"] for r in members]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        interval = interval95(accs)
         per_task = [f"{statistics.fmean(r[t] for r in members):.2f}" for t in tasks]
         upload = statistics.fmean(r["upload_per_client_round"] for r in members)
         wall = statistics.fmean(r["wall_seconds"] for r in members)
@@ -328,8 +334,7 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
         split = " · ".join(f"{statistics.fmean(r.get(k, 0.0) for r in members):.1f}"
                            for k in ("train_seconds_round", "server_seconds_round", "evaluate_seconds_round"))
         cells = [f"`{v}`" if v != "" else "–" for v in setting]  # '' is an unset optional key
-        cells += [str(len(accs)), f"{base:.3f}",
-                  f"{statistics.fmean(accs):.3f} ± {spread:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")]
+        cells += [str(len(accs)), f"{base:.3f}", mean_spread_text(accs)]
         cells.append(_versus(members, groups[reference]) if setting != reference else "reference")
         if rouge:
             cells.append(" → ".join(f"{statistics.fmean(r[f'{when}_rouge_l'] for r in members):.3f}"
@@ -391,13 +396,11 @@ def selection_table(rows: list[dict[str, Any]], varying: list[str], within: list
         chosen, members = max(options, key=lambda o: statistics.fmean(r["final_validation_accuracy"] for r in o[1]))
         named = dict(zip(keys, chosen))
         tests = [r["final_accuracy"] for r in members]
-        interval = interval95(tests)
-        spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
         best_test = max(statistics.fmean(r["final_accuracy"] for r in m) for _, m in options)
         cells = [f"`{v}`" for v in method]
         cells += [", ".join(_assignment(k, named[k]) for k in tuned) or "–",
                   f"{statistics.fmean(r['final_validation_accuracy'] for r in members):.3f}",
-                  f"{statistics.fmean(tests):.3f} ± {spread:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""),
+                  mean_spread_text(tests),
                   f"{best_test:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedllm.study import mean_spread_text  # noqa: E402
+
 
 def load_rows(study_dir: Path) -> list[dict]:
     """One dict per finished run: client model, accuracy, client weights, bytes, distillation."""
@@ -133,7 +135,8 @@ def client_key(row: dict) -> tuple[str, str]:
 # -- the report ------------------------------------------------------------------------------
 
 def table(rows: list[dict], measured: dict[tuple[str, str], dict]) -> str:
-    lines = ["| server model | clients train on | seeds | server accuracy: base → final (mean ± std) | client base weights | "
+    lines = ["| server model | clients train on | seeds | server accuracy: base → final, mean ± std [95% interval] | "
+             "client base weights | "
              "client peak memory | step time (× full) | download, first round | download, later rounds | "
              "upload per round | distillation: hidden-state gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for members in settings(rows):
@@ -147,7 +150,7 @@ def table(rows: list[dict], measured: dict[tuple[str, str], dict]) -> str:
         accs = [r["accuracy"] for r in members]
         lines.append(
             f"| `{row['model']}` | {label(row)} | {len(members)} | {statistics.fmean(r['base_accuracy'] for r in members):.3f} → "
-            f"**{statistics.fmean(accs):.3f}** ± {spread(accs):.3f} | "
+            f"{mean_spread_text(accs)} | "
             f"{row['weights_bytes'] / 2**20:.2f} MiB | {m.get('peak_rss_bytes', 0) / 2**20:.0f} MiB | "
             f"{m.get('step_seconds', 0) * 1000:.0f} ms{ratio} | {row['first_download'] / 1024:,.0f} KiB | "
             f"{row['later_download'] / 1024:,.0f} KiB | {row['upload'] / 1024:,.0f} KiB | {gap_text} |")

@@ -14,6 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from fedllm.study import mean_spread_text
+
 
 def load_rows(study_dir: Path) -> list[dict]:
     """One dict per finished run: its settings, final accuracy, ε, and per-round cost."""
@@ -52,17 +54,11 @@ def settings(rows: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def accuracy_text(members: list[dict]) -> str:
-    accs = [r["accuracy"] for r in members]
-    spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else " (one seed)"
-    return f"{statistics.fmean(accs):.3f}{spread}"
-
-
 def tables(rows: list[dict]) -> str:
-    lines = ["| setting | secure aggregation | ε (δ = 1e-5) | seeds | final accuracy (mean ± std) |", "|---|---|---|---|---|"]
+    lines = ["| setting | secure aggregation | ε (δ = 1e-5) | seeds | final accuracy: mean ± std [95% interval] |", "|---|---|---|---|---|"]
     for (_, _, secure), members in settings(rows).items():
         lines.append(f"| {label(members[0])} | {'yes' if secure else 'no'} | {epsilon_text(members[0]['epsilon'])} | "
-                     f"{len(members)} | {accuracy_text(members)} |")
+                     f"{len(members)} | {mean_spread_text([r['accuracy'] for r in members])} |")
     lines += ["", "| setting | round time (median), plain → secure | bytes sent + received per client per round, plain → secure |",
               "|---|---|---|"]
     pairs: dict[str, dict[bool, list[dict]]] = {}

@@ -247,6 +247,13 @@ def test_a_study_table_gives_each_setting_its_spread_interval_and_paired_verdict
     assert "beyond seed noise: aggregation=ties." in sentence and "Not separable from noise: aggregation=median." in sentence
 
 
+
+def test_a_setting_of_one_seed_says_so_instead_of_a_zero_spread():
+    table = study.settings_table([summary_row("weighted_average", 0, 0.3), summary_row("ties", 0, 0.2)],
+                                 ["aggregation", "seed"])
+    assert "| `weighted_average` | 1 | 0.000 | 0.300 (one seed) | reference |" in table
+    assert "| `ties` | 1 | 0.000 | 0.200 (one seed) | -0.100 (one seed) |" in table and "± 0.000" not in table
+
 def test_settings_are_chosen_on_validation_and_reported_on_test():
     """Per operator, the density with the best mean validation accuracy is chosen, and its test
     accuracy reported, even where another density scores better on the test split."""
