@@ -20,6 +20,9 @@ from fedllm.checkpoint import (
     save_state, saved_rounds,
 )
 from fedllm.config import RunConfig
+from fedllm.core.aggregator import Aggregator
+from fedllm.core.nodes import NodeInfo
+from fedllm.methods.lora import Layer, Lora
 
 
 def state(round_: int, cfg: RunConfig) -> RunState:
@@ -183,3 +186,41 @@ def test_resume_without_a_folder_is_a_config_error():
         RunConfig.from_flower({"resume": True})
     with pytest.raises(ConfigError, match="resume-round needs resume = true"):
         RunConfig.from_flower({"resume-round": 2})
+
+
+def resumable(**overrides) -> Aggregator:
+    """A server for one 6 × 4 module with two nodes, before its state is restored."""
+    cfg = RunConfig.from_flower(overrides)
+    a = Aggregator(cfg, Lora(cfg, {"layer.q_proj": Layer(torch.Size((6, 4)), transposed=False)}))
+    for partition in range(2):
+        a.nodes.admit(10 + partition, NodeInfo(partition_id=partition, rank=2, num_examples=40))
+    return a
+
+
+@pytest.mark.parametrize("global_delta, optimizer_state, message", [
+    ({"layer.q_proj": torch.zeros(3, 4)}, {}, r"global update gives layer.q_proj the shape \(3, 4\), where this model's"),
+    ({"layer.q_proj": torch.zeros(6, 4), "layer.k_proj": torch.zeros(6, 4)}, {}, r"no module of this model \(layer.k_proj\)"),
+    ({}, {}, r"global update lacks modules of this model \(layer.q_proj\)"),
+    ({"layer.q_proj": torch.full((6, 4), float("nan"))}, {}, r"global update has an entry of nan in layer.q_proj"),
+    ({"layer.q_proj": torch.full((6, 4), 1e5)}, {}, r"entry of 1e\+05 in layer.q_proj \(non-finite or above 10000\)"),
+    ({"layer.q_proj": torch.zeros(6, 4)}, {"m": {"layer.q_proj": torch.zeros(4, 6)}}, r"optimizer moment 'm' gives"),
+    ({"layer.q_proj": torch.zeros(6, 4)}, {"v": {"layer.q_proj": torch.full((6, 4), float("inf"))}}, r"moment 'v' has an entry of inf"),
+])
+def test_a_whole_checkpoint_that_does_not_fit_the_model_is_refused_on_resume(global_delta, optimizer_state, message):
+    """A checksum shows the file is whole, not that it belongs to this run's model."""
+    a = resumable(**{"server-optimizer": "adam"})
+    with pytest.raises(CheckpointError, match=message):
+        a.restore(global_delta, optimizer_state, {})
+    assert a.global_delta == {} and a.optimizer_state == {}, "nothing of a refused state is taken"
+    a.restore({"layer.q_proj": torch.zeros(6, 4)}, {"m": {"layer.q_proj": torch.zeros(6, 4)}}, {})
+    assert torch.equal(a.global_delta["layer.q_proj"], torch.zeros(6, 4))
+
+
+def test_a_local_only_state_keeps_one_update_per_partition_and_each_must_fit():
+    a = resumable(baseline="local-only")
+    a.restore({"partition-0/layer.q_proj": torch.ones(6, 4), "partition-5/layer.q_proj": torch.zeros(6, 4)}, {}, {})
+    for bad, message in (({"layer.q_proj": torch.zeros(6, 4)}, "no module of this model"),
+                         ({"partition-x/layer.q_proj": torch.zeros(6, 4)}, "no module of this model"),
+                         ({"partition-0/layer.q_proj": torch.zeros(4, 6)}, r"partition-0/layer.q_proj the shape \(4, 6\)")):
+        with pytest.raises(CheckpointError, match=message):
+            resumable(baseline="local-only").restore(bad, {}, {})

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedllm.adapters import Delta, Subspaces
+from fedllm.checkpoint import CheckpointError
 from fedllm.core.nodes import NodeRegistry, ReplyRejected
 from fedllm.core.server_methods import ServerMethod, build_server_method
 from fedllm.lowrank import LowRank, Update, compacted, dense, largest_entry
@@ -37,6 +38,23 @@ log = logging.getLogger(__name__)
 # No fine-tuning moves a weight by this much: a global update with a larger entry is corrupt.
 ABSURD_ENTRY = 1e4
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def misfit(keyed: dict[str, tuple[str, Update]], shapes: dict[str, tuple[int, ...]], complete: bool,
+           largest: float) -> str | None:
+    """Why entries (key → the module it updates, the update) are not updates of the modules `shapes`
+    names (each of them at least once if `complete`) with finite entries of at most `largest`; None
+    when they are."""
+    if unknown := sorted(key for key, (module, _) in keyed.items() if module not in shapes):
+        return f"has entries for no module of this model ({', '.join(unknown[:3])})"
+    if complete and (missing := sorted(shapes.keys() - {module for module, _ in keyed.values()})):
+        return f"lacks modules of this model ({', '.join(missing[:3])})"
+    for key, (module, update) in keyed.items():
+        if tuple(update.shape) != shapes[module]:
+            return f"gives {key} the shape {tuple(update.shape)}, where this model's {module} has {shapes[module]}"
+        if not (biggest := largest_entry(update, exact_above=largest)) <= largest:
+            return f"has an entry of {biggest:.3g} in {key} (non-finite or above {largest:g})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -75,7 +93,16 @@ class Aggregator:
         self.global_delta = self.server_method.initial_update(self)
 
     def restore(self, global_delta: Delta, optimizer_state: dict[str, Delta], subspaces: dict[str, torch.Tensor]) -> None:
-        """The state after a completed round of an earlier run (a checkpoint's)."""
+        """The state after a completed round of an earlier run (a checkpoint's), refused unless it
+        fits this run's model: the file's checksum shows it is whole, not that it belongs here."""
+        shapes = {module: tuple(update.shape) for module, update in self.method.zero_update().items()}
+        parts = [("global update", global_delta, True), *((f"optimizer moment {slot!r}", moments, False)
+                                                          for slot, moments in optimizer_state.items())]
+        for what, delta, complete in parts:
+            keyed = {key: (self.server_method.module_of(key), update) for key, update in delta.items()}
+            if why := misfit(keyed, shapes, complete, largest=ABSURD_ENTRY if complete else FLOAT32_MAX):
+                raise CheckpointError(f"the checkpoint's {what} {why}: it was written for another model or altered. "
+                                      "Resume from another round (resume-round) or start the run afresh")
         self.global_delta, self.optimizer_state, self.subspaces = global_delta, optimizer_state, Subspaces(subspaces)
 
     @property

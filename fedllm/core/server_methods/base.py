@@ -47,6 +47,10 @@ class ServerMethod:
         """ΔW_g of round 0."""
         return self.method.zero_update()
 
+    def module_of(self, key: str) -> str:
+        """The model module an entry of ΔW_g updates (a method keeping several per module names them apart)."""
+        return key
+
     def key(self, node: NodeInfo) -> int:
         """Which of the round's states a node is sent: one per rank."""
         return node.rank

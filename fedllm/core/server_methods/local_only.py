@@ -44,6 +44,10 @@ class LocalOnly(ServerMethod):
         zero = self.method.zero_update()
         return {_slot(p, module): t.clone() for p in aggregator.nodes.partitions() for module, t in zero.items()}
 
+    def module_of(self, key: str) -> str:
+        slot, _, module = key.partition("/")
+        return module if slot.startswith("partition-") and slot[len("partition-"):].isdigit() else ""
+
     def key(self, node: NodeInfo) -> int:
         return node.partition_id
 
