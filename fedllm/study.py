@@ -310,18 +310,19 @@ def settings_table(rows: list[dict[str, Any]], varying: list[str]) -> str:
     """Markdown: per setting, mean ± std of final accuracy over seeds with its 95% interval, the
     paired difference to the reference setting (the study's first, which `reference` names if set)
     and whether it is beyond seed noise, the mean ROUGE-L over tasks before and after (when every
-    run recorded it and it differs from exact match), the clients' own merged models' accuracy (in cooperation), mean upload bytes
-    per client per round, seconds per round, mean wall time, and mean per-task accuracy."""
+    run recorded it and it is not exact match over again), the clients' own merged models' accuracy
+    (in cooperation), mean upload bytes per client per round, seconds per round, mean wall time, and
+    mean per-task accuracy."""
     keys = [k for k in varying if k != "seed"]
     groups = _grouped(rows, keys)
     reference = next(iter(groups), None)
     tasks = list(dict.fromkeys(k for row in rows for k in row if k.startswith("acc_")))
     runs = [r for members in groups.values() for r in members]
-    # ROUGE-L where every run recorded it (set with base_rouge_l) and it is not exact match over again
-    # (on one-word answers, as the letter tasks', the two agree)
+    # final_rouge_l comes with base_rouge_l; on one-word answers (the letter tasks') it equals exact match
     rouge = all("final_rouge_l" in r for r in runs) and not all(
-        math.isclose(r[f"{when}_rouge_l"], r[f"{when}_accuracy"], abs_tol=1e-9) for r in runs for when in ("base", "final"))
-    families = any("client_model_accuracy" in r for members in groups.values() for r in members)  # cooperation
+        math.isclose(r[f"{when}_rouge_l"], r[f"{when}_accuracy"], abs_tol=1e-9)
+        for r in runs for when in ("base", "final"))
+    families = any("client_model_accuracy" in r for r in runs)  # cooperation
     header = keys + ["seeds", "base", "final accuracy: mean ± std [95% interval]", "vs reference, paired over seeds"]
     header += ["ROUGE-L: base → final"] if rouge else []
     header += ["client model accuracy"] if families else []
